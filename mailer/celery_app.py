@@ -1,0 +1,43 @@
+"""The Celery app and its settings, nothing else."""
+
+from __future__ import annotations
+
+from celery import Celery
+from kombu import Queue
+
+from mailer.config import Settings, settings
+from mailer.models import Priority
+
+app = Celery("mailer", include=["mailer.tasks"])
+
+
+def configure(s: Settings | None = None) -> Celery:
+    s = s or settings()
+    app.conf.update(
+        broker_url=s.broker_url,
+        # JSON only: a pickle payload from anyone who can write to Redis would run code here
+        task_serializer="json",
+        accept_content=["json"],
+        result_serializer="json",
+        task_ignore_result=True,
+        result_backend=None,
+        # a task is acknowledged when it is done, and given back if its worker process dies;
+        # the database claim makes the redelivered copy harmless
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        worker_prefetch_multiplier=1,
+        # a chunk must not outlive its lease, or another worker may take its deliveries
+        task_time_limit=max(int(s.lease_seconds * 0.9), 30),
+        # Redis redelivers an unacknowledged task after this long: keep it well above the limit
+        broker_transport_options={"visibility_timeout": max(3600, int(s.lease_seconds * 4))},
+        broker_connection_retry_on_startup=True,
+        worker_cancel_long_running_tasks_on_connection_loss=True,
+        task_queues=[Queue(p.value) for p in Priority],
+        task_default_queue=Priority.BULK.value,
+        worker_hijack_root_logger=False,
+        worker_redirect_stdouts=False,
+    )
+    return app
+
+
+configure()

@@ -1,0 +1,476 @@
+"""The `mailer` command: parses arguments, calls the modules that own the work, prints results."""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import sys
+import threading
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import click
+from sqlalchemy.exc import OperationalError, ProgrammingError
+
+from mailer import clock, config, db
+from mailer.errors import MailerError
+from mailer.models import DeliveryState
+
+STATES = [s.value for s in DeliveryState]
+
+
+def _setup_logging() -> None:
+    level = config.settings().log_level
+    logging.basicConfig(
+        level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
+    )
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def cli() -> None:
+    """Queued bulk-mail delivery: templates, campaigns, workers, reports.
+
+    Configuration comes from MAILER_* environment variables (see `mailer config`).
+    """
+    _setup_logging()
+
+
+# --- set-up ---------------------------------------------------------------------------------------
+
+
+@cli.group("db")
+def db_group() -> None:
+    """Database schema."""
+
+
+@db_group.command("upgrade")
+@click.option("--revision", default="head", show_default=True, help="Alembic revision to reach.")
+def db_upgrade(revision: str) -> None:
+    """Create or upgrade the schema (safe to run from several containers at once)."""
+    from mailer import migrate
+
+    migrate.upgrade(revision=revision)
+    click.echo(f"database at revision {migrate.current()}")
+
+
+@cli.command("config")
+def show_config() -> None:
+    """Show the settings in force (secrets hidden) and every variable that sets them."""
+    s = config.settings()
+    click.echo(f"database: {_hide(s.database_url)}")
+    click.echo(f"broker:   {_hide(s.broker_url)}")
+    click.echo(f"relay:    {s.smtp.redacted()}")
+    click.echo(f"from:     {s.from_addr or '(unset: pass --from or set MAILER_FROM)'}")
+    click.echo("")
+    for name, default, meaning in config.VARIABLES:
+        click.echo(f"{name:28} {meaning} [default: {default or 'none'}]")
+
+
+def _hide(url: str) -> str:
+    from sqlalchemy.engine import make_url
+
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:
+        return url.split("@")[-1]
+
+
+# --- templates ------------------------------------------------------------------------------------
+
+
+@cli.group("template")
+def template_group() -> None:
+    """Templates: Jinja2 (sandboxed) subject, text and optional HTML, stored in versions."""
+
+
+@template_group.command("add")
+@click.argument("name")
+@click.option(
+    "--subject",
+    "subject_file",
+    required=True,
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="File with the subject template.",
+)
+@click.option(
+    "--text",
+    "text_file",
+    required=True,
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="File with the plain-text body template.",
+)
+@click.option(
+    "--html",
+    "html_file",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="File with the HTML body template (autoescaped).",
+)
+def template_add(name: str, subject_file: Path, text_file: Path, html_file: Path | None) -> None:
+    """Add a new version of template NAME (earlier versions stay, for retries)."""
+    from mailer import templates
+
+    with db.session_scope() as session:
+        t = templates.add(
+            session,
+            name,
+            _read(subject_file),
+            _read(text_file),
+            _read(html_file) if html_file else None,
+        )
+        click.echo(f"template {t.name!r} version {t.version}")
+
+
+def _read(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise click.ClickException(f"{path}: not UTF-8; save it as UTF-8") from None
+
+
+# --- producing ------------------------------------------------------------------------------------
+
+
+@cli.command("send")
+@click.option("--template", "template", required=True, help="Template name (its latest version).")
+@click.option("--to", "to", required=True, multiple=True, help="Recipient; repeat for several.")
+@click.option("--context", "context", default="{}", help="JSON object for the template.")
+@click.option("--from", "from_addr", help="Sender (default MAILER_FROM).")
+@click.option("--idempotency-key", help="Sending twice with the same key sends once.")
+@click.option("--header", "headers", multiple=True, help="Extra header 'Name: value' (a template).")
+def send_cmd(
+    template: str,
+    to: tuple[str, ...],
+    context: str,
+    from_addr: str | None,
+    idempotency_key: str | None,
+    headers: tuple[str, ...],
+) -> None:
+    """Queue one transactional message; prints its id."""
+    from mailer import enqueue
+
+    message_id = enqueue.send(
+        template,
+        list(to),
+        _json_object(context),
+        from_addr=from_addr,
+        idempotency_key=idempotency_key,
+        headers=_headers(headers),
+    )
+    click.echo(message_id)
+
+
+def _json_object(text: str) -> dict[str, Any]:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise click.BadParameter(f"not JSON: {exc.msg}", param_hint="--context") from None
+    if not isinstance(value, dict):
+        raise click.BadParameter("must be a JSON object", param_hint="--context")
+    return value
+
+
+def _headers(items: tuple[str, ...]) -> dict[str, str]:
+    out = {}
+    for item in items:
+        name, sep, value = item.partition(":")
+        if not sep:
+            raise click.BadParameter(f"{item!r} is not 'Name: value'", param_hint="--header")
+        out[name.strip()] = value.strip()
+    return out
+
+
+@cli.group("campaign")
+def campaign_group() -> None:
+    """Campaigns: one template to a list of recipients."""
+
+
+@campaign_group.command("send")
+@click.option("--template", "template", required=True, help="Template name (its latest version).")
+@click.option(
+    "--recipients",
+    "path",
+    required=True,
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="CSV with an 'email' column (other columns become context), or JSON Lines.",
+)
+@click.option("--name", help="Campaign name (default: template and time).")
+@click.option("--from", "from_addr", help="Sender (default MAILER_FROM).")
+@click.option(
+    "--header",
+    "headers",
+    multiple=True,
+    help="Extra header 'Name: value' (a template), e.g. List-Unsubscribe.",
+)
+@click.option(
+    "--skip-invalid", is_flag=True, help="Skip invalid rows (listed) instead of refusing the file."
+)
+def campaign_send(
+    template: str,
+    path: Path,
+    name: str | None,
+    from_addr: str | None,
+    headers: tuple[str, ...],
+    skip_invalid: bool,
+) -> None:
+    """Queue a campaign from a recipient file; prints the campaign id."""
+    from mailer import enqueue, recipients
+
+    size = path.stat().st_size
+    progress = _Progress("enqueued", size)
+    rows = recipients.read(path)
+    result = enqueue.send_campaign(
+        template,
+        rows,
+        name=name,
+        from_addr=from_addr,
+        headers=_headers(headers),
+        skip_invalid=skip_invalid,
+        progress=progress.update,
+    )
+    progress.done()
+    for line in result.rejected:
+        click.echo(f"skipped {line}", err=True)
+    click.echo(
+        f"campaign {result.campaign_id}: {result.queued} queued, {result.suppressed} "
+        f"suppressed, {result.duplicates} duplicates dropped, {result.invalid} invalid "
+        "skipped",
+        err=True,
+    )
+    click.echo(result.campaign_id)
+
+
+class _Progress:
+    """A progress line on stderr when it is a terminal, at most a few times a second."""
+
+    def __init__(self, label: str, _size: int) -> None:
+        self.label = label
+        self.last = 0.0
+        self.tty = sys.stderr.isatty()
+
+    def update(self, count: int) -> None:
+        import time
+
+        if self.tty and time.monotonic() - self.last > 0.2:
+            self.last = time.monotonic()
+            click.echo(f"\r{self.label} {count:,} recipients", nl=False, err=True)
+
+    def done(self) -> None:
+        if self.tty:
+            click.echo("", err=True)
+
+
+@campaign_group.command("status")
+@click.argument("campaign_id", type=int)
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def campaign_status(campaign_id: int, as_json: bool) -> None:
+    """Counts per delivery state, and progress."""
+    from mailer import queries
+
+    with db.session_scope() as session:
+        status = queries.campaign_status(session, campaign_id)
+    if as_json:
+        click.echo(json.dumps(status.as_dict(), indent=2))
+        return
+    click.echo(f"campaign {status.id} {status.name!r}{' (paused)' if status.paused else ''}")
+    click.echo(f"progress {status.done:,}/{status.total:,} final ({status.progress:.1%})")
+    for state, n in status.counts.items():
+        click.echo(f"  {state:11} {n:>9,}")
+
+
+@campaign_group.command("pause")
+@click.argument("campaign_id", type=int)
+def campaign_pause(campaign_id: int) -> None:
+    """Stop handing out the campaign's deliveries (those in flight finish)."""
+    _set_paused(campaign_id, True)
+
+
+@campaign_group.command("resume")
+@click.argument("campaign_id", type=int)
+def campaign_resume(campaign_id: int) -> None:
+    """Hand out the campaign's deliveries again (the dispatcher publishes them)."""
+    _set_paused(campaign_id, False)
+
+
+def _set_paused(campaign_id: int, paused: bool) -> None:
+    from mailer import queries
+
+    with db.session_scope() as session:
+        queries.campaign(session, campaign_id).paused = paused
+    click.echo(f"campaign {campaign_id} {'paused' if paused else 'resumed'}")
+
+
+@cli.command("report")
+@click.argument("campaign_id", type=int)
+@click.option(
+    "--state",
+    "states",
+    multiple=True,
+    type=click.Choice(STATES),
+    help="Only these states (repeatable).",
+)
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["table", "csv", "json"]),
+    default="table",
+    show_default=True,
+)
+def report_cmd(campaign_id: int, states: tuple[str, ...], fmt: str) -> None:
+    """Per recipient: address, state, attempts, last code, enhanced code and reply."""
+    from mailer import queries
+
+    with db.session_scope() as session:
+        rows = queries.report(session, campaign_id, [DeliveryState(s) for s in states] or None)
+        if fmt == "csv":
+            writer = csv.DictWriter(sys.stdout, fieldnames=queries.REPORT_COLUMNS)
+            writer.writeheader()
+            writer.writerows(rows)
+        elif fmt == "json":
+            for row in rows:
+                click.echo(json.dumps(row))
+        else:
+            click.echo(
+                f"{'recipient':40} {'state':10} {'tries':>5} {'code':>4} {'enhanced':8} reply"
+            )
+            for row in rows:
+                click.echo(
+                    f"{row['recipient'][:40]:40} {row['state']:10} {row['attempts']:>5} "
+                    f"{row['code'] or '':>4} {row['enhanced'] or '':8} {row['reply'][:70]}"
+                )
+
+
+# --- running --------------------------------------------------------------------------------------
+
+
+@cli.command("worker", context_settings={"ignore_unknown_options": True})
+@click.option(
+    "--concurrency", "-c", type=int, default=None, help="Worker processes (default: CPU count)."
+)
+@click.option(
+    "--pool",
+    type=click.Choice(["prefork", "threads", "solo"]),
+    default="prefork",
+    show_default=True,
+)
+@click.argument("celery_args", nargs=-1, type=click.UNPROCESSED)
+def worker_cmd(concurrency: int | None, pool: str, celery_args: tuple[str, ...]) -> None:
+    """Run a Celery worker with mailer's settings; serves transactional mail before bulk.
+
+    Extra arguments go to `celery worker` as they are.
+    """
+    from mailer.celery_app import app
+
+    argv = [
+        "worker",
+        "--queues",
+        "transactional,bulk",
+        "--pool",
+        pool,
+        "--loglevel",
+        config.settings().log_level,
+        "--without-gossip",
+        "--without-mingle",
+    ]
+    if concurrency:
+        argv += ["--concurrency", str(concurrency)]
+    app.worker_main(argv + list(celery_args))
+
+
+@cli.command("dispatcher")
+@click.option("--once", is_flag=True, help="One pass, then exit.")
+def dispatcher_cmd(once: bool) -> None:
+    """Re-publish due retries, lost wake-ups and expired leases, every MAILER_DISPATCH_INTERVAL."""
+    import signal
+
+    from mailer import dispatcher
+
+    if once:
+        report = dispatcher.run_once()
+        click.echo(
+            f"published {report.published}, expired {report.expired}"
+            + (f"; {report.relay_blocked}" if report.relay_blocked else "")
+        )
+        return
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    dispatcher.run(stop=stop)
+
+
+@cli.group("relay")
+def relay_group() -> None:
+    """The SMTP relay's health: paused after a configuration error, or resting."""
+
+
+@relay_group.command("status")
+def relay_status() -> None:
+    """Show whether the configured relay is paused or resting."""
+    from mailer import outcomes
+
+    s = config.settings()
+    with db.session_scope() as session:
+        state = outcomes.relay_state(session, s.smtp.name)
+        click.echo(f"relay {s.smtp.redacted()}")
+        if state is None or (not state.paused_reason and not state.backoff_until):
+            click.echo("healthy")
+            return
+        if state.paused_reason:
+            click.echo(f"paused: {state.paused_reason}")
+        if state.backoff_until and state.backoff_until > clock.now():
+            click.echo(f"resting until {state.backoff_until.isoformat()}")
+
+
+@relay_group.command("resume")
+def relay_resume() -> None:
+    """Use the relay again after fixing its configuration; queued mail goes out."""
+    from mailer import outcomes
+
+    name = config.settings().smtp.name
+    with db.session_scope() as session:
+        outcomes.resume_relay(session, name, clock.now())
+    click.echo(f"relay {name} resumed")
+
+
+@cli.command("demo")
+@click.option(
+    "--workdir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=Path("var/demo"),
+    show_default=True,
+)
+def demo_cmd(workdir: Path) -> None:
+    """Run a whole campaign on embedded parts: SQLite, an in-process broker and SMTP server."""
+    from mailer import demo
+
+    sys.exit(demo.run(workdir))
+
+
+def main() -> None:
+    try:
+        cli.main(standalone_mode=False)
+    except click.exceptions.Abort:
+        click.echo("aborted", err=True)
+        sys.exit(130)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+    except MailerError as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(1)
+    except (OperationalError, ProgrammingError) as exc:
+        click.echo(f"error: {_database_problem(exc)}", err=True)
+        sys.exit(1)
+
+
+def _database_problem(exc: Exception) -> str:
+    text = str(getattr(exc, "orig", exc)).strip().splitlines()[0]
+    url = _hide(config.settings().database_url)
+    if "no such table" in text or ("does not exist" in text and "relation" in text):
+        return f"the database at {url} has no schema yet: run `mailer db upgrade` ({text})"
+    return f"database {url}: {text}"
+
+
+def _iso(value: str) -> datetime:
+    return datetime.fromisoformat(value)

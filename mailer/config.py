@@ -1,0 +1,174 @@
+"""Settings from the environment: the only module that reads os.environ."""
+
+from __future__ import annotations
+
+import functools
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Literal, TypeVar
+
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError
+
+from mailer.backoff import RetryPolicy
+from mailer.errors import ConfigError
+from mailer.transport.relay import RelayConfig, parse_relay_url
+
+AmbiguousPolicy = Literal["hold", "retry"]
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class Settings:
+    database_url: str
+    broker_url: str
+    smtp: RelayConfig
+    from_addr: str | None
+    retry: RetryPolicy
+    ambiguous: AmbiguousPolicy
+    chunk_size: int
+    lease_seconds: float
+    dispatch_interval: float
+    republish_after: float
+    relay_backoff: float
+    log_level: str
+
+
+# name, default, meaning: the README's configuration table is generated from this list
+VARIABLES: list[tuple[str, str, str]] = [
+    ("MAILER_DATABASE_URL", "sqlite:///mailer.db", "SQLAlchemy URL of the outbox database"),
+    ("MAILER_BROKER_URL", "redis://127.0.0.1:6379/0", "Redis URL of the Celery broker"),
+    (
+        "MAILER_SMTP_URL",
+        "smtp://localhost:25",
+        "relay: smtp[s]://[user[:pass]@]host[:port][?tls=...]",
+    ),
+    ("MAILER_FROM", "", "default sender address (required unless given per call)"),
+    ("MAILER_RETRY_FIRST_DELAY", "300", "seconds before the first retry of a transient failure"),
+    ("MAILER_RETRY_FACTOR", "2", "growth factor of the retry delay"),
+    ("MAILER_RETRY_MAX_DELAY", "3600", "cap on one retry delay, seconds"),
+    (
+        "MAILER_RETRY_MAX_AGE",
+        "345600",
+        "a delivery still deferred this long after enqueue expires (4 days)",
+    ),
+    ("MAILER_RETRY_MAX_ATTEMPTS", "30", "a delivery deferred this many times expires"),
+    (
+        "MAILER_AMBIGUOUS",
+        "hold",
+        "connection lost after the final '.': hold (state unknown) or retry",
+    ),
+    ("MAILER_CHUNK_SIZE", "100", "deliveries per Celery task"),
+    ("MAILER_LEASE_SECONDS", "300", "a claimed delivery not recorded by then is handed out again"),
+    ("MAILER_DISPATCH_INTERVAL", "5", "seconds between dispatcher passes"),
+    (
+        "MAILER_REPUBLISH_AFTER",
+        "60",
+        "a queued delivery unclaimed this long, with the queue empty, is republished",
+    ),
+    ("MAILER_RELAY_BACKOFF", "60", "seconds a relay rests after a 421 or 4.7.x throttling reply"),
+    ("MAILER_LOG_LEVEL", "INFO", "DEBUG, INFO, WARNING or ERROR"),
+]
+_DEFAULTS = {name: default for name, default, _ in VARIABLES}
+
+
+def load(env: Mapping[str, str] = os.environ) -> Settings:
+    """Read and check every setting; a bad value raises ConfigError naming its variable."""
+
+    def get(name: str) -> str:
+        return env.get(name) or _DEFAULTS[name]
+
+    def parsed(name: str, parse: Callable[[str], T]) -> T:
+        try:
+            return parse(get(name))
+        except (ValueError, ArgumentError) as exc:
+            raise ConfigError(name, f"{exc} (got {_redact(name, get(name))!r})") from None
+
+    return Settings(
+        database_url=parsed("MAILER_DATABASE_URL", _database_url),
+        broker_url=parsed("MAILER_BROKER_URL", _broker_url),
+        smtp=parsed("MAILER_SMTP_URL", parse_relay_url),
+        from_addr=get("MAILER_FROM") or None,
+        retry=RetryPolicy(
+            first_delay=parsed("MAILER_RETRY_FIRST_DELAY", _seconds),
+            factor=parsed("MAILER_RETRY_FACTOR", _factor),
+            max_delay=parsed("MAILER_RETRY_MAX_DELAY", _seconds),
+            max_age=parsed("MAILER_RETRY_MAX_AGE", _seconds),
+            max_attempts=parsed("MAILER_RETRY_MAX_ATTEMPTS", _count),
+        ),
+        ambiguous=parsed("MAILER_AMBIGUOUS", _ambiguous),
+        chunk_size=parsed("MAILER_CHUNK_SIZE", _count),
+        lease_seconds=parsed("MAILER_LEASE_SECONDS", _seconds),
+        dispatch_interval=parsed("MAILER_DISPATCH_INTERVAL", _seconds),
+        republish_after=parsed("MAILER_REPUBLISH_AFTER", _seconds),
+        relay_backoff=parsed("MAILER_RELAY_BACKOFF", _seconds),
+        log_level=parsed("MAILER_LOG_LEVEL", _log_level),
+    )
+
+
+@functools.cache
+def settings() -> Settings:
+    """The process's settings, read once."""
+    return load()
+
+
+def reload() -> Settings:
+    """Forget the cached settings (tests and the demo change the environment)."""
+    settings.cache_clear()
+    return settings()
+
+
+def _redact(name: str, value: str) -> str:
+    if name in ("MAILER_SMTP_URL", "MAILER_DATABASE_URL", "MAILER_BROKER_URL") and "@" in value:
+        scheme, _, rest = value.partition("://")
+        return f"{scheme}://***@{rest.rsplit('@', 1)[1]}"
+    return value
+
+
+def _database_url(value: str) -> str:
+    url = make_url(value)
+    if url.get_backend_name() not in ("sqlite", "postgresql"):
+        raise ValueError("only sqlite:/// and postgresql:// databases are supported")
+    if url.get_backend_name() == "postgresql" and url.drivername == "postgresql":
+        value = url.set(drivername="postgresql+psycopg").render_as_string(hide_password=False)
+    return value
+
+
+def _broker_url(value: str) -> str:
+    if not value.startswith(("redis://", "rediss://", "memory://")):
+        raise ValueError("must be a redis:// or rediss:// URL")
+    return value
+
+
+def _seconds(value: str) -> float:
+    number = float(value)
+    if number < 0:
+        raise ValueError("must be zero or more seconds")
+    return number
+
+
+def _factor(value: str) -> float:
+    number = float(value)
+    if number < 1:
+        raise ValueError("must be 1 or more")
+    return number
+
+
+def _count(value: str) -> int:
+    number = int(value)
+    if number < 1:
+        raise ValueError("must be a whole number of 1 or more")
+    return number
+
+
+def _ambiguous(value: str) -> AmbiguousPolicy:
+    if value not in ("hold", "retry"):
+        raise ValueError("must be hold or retry")
+    return value  # type: ignore[return-value]
+
+
+def _log_level(value: str) -> str:
+    if value.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
+        raise ValueError("must be DEBUG, INFO, WARNING or ERROR")
+    return value.upper()

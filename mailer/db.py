@@ -1,0 +1,103 @@
+"""The engine and the session scope: one engine per process and URL, SQLite tuned for WAL."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any, TypeVar
+
+from sqlalchemy import Engine, create_engine, event
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.exc import InterfaceError, OperationalError
+from sqlalchemy.orm import Session, sessionmaker
+
+from mailer.config import settings
+from mailer.errors import DatabaseUnavailable
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+_engines: dict[str, Engine] = {}
+_sessions: dict[str, sessionmaker[Session]] = {}
+
+
+def engine(url: str | None = None) -> Engine:
+    url = url or settings().database_url
+    if url not in _engines:
+        _engines[url] = _create(url)
+    return _engines[url]
+
+
+def _create(url: str) -> Engine:
+    if url.startswith("sqlite"):
+        eng = create_engine(url, connect_args={"timeout": 60})
+        event.listen(eng, "connect", _sqlite_pragmas)
+        # SQLAlchemy, not pysqlite, issues BEGIN: IMMEDIATE takes the write lock up front, so
+        # two writers queue on busy_timeout instead of failing on a lock upgrade
+        event.listen(eng, "begin", lambda conn: conn.exec_driver_sql("BEGIN IMMEDIATE"))
+        return eng
+    return create_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=5)
+
+
+def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
+    dbapi_connection.isolation_level = None
+    cursor = dbapi_connection.cursor()
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA synchronous=NORMAL")
+    cursor.execute("PRAGMA foreign_keys=ON")
+    cursor.execute("PRAGMA busy_timeout=60000")
+    cursor.close()
+
+
+@contextmanager
+def session_scope(url: str | None = None) -> Iterator[Session]:
+    """A session that commits on success and rolls back on any error."""
+    url = url or settings().database_url
+    if url not in _sessions:
+        _sessions[url] = sessionmaker(engine(url), expire_on_commit=False)
+    session = _sessions[url]()
+    try:
+        yield session
+        session.commit()
+    except BaseException:
+        session.rollback()
+        raise
+    finally:
+        session.close()
+
+
+def reset() -> None:
+    """Drop every engine (after a fork, or when tests switch databases)."""
+    for eng in _engines.values():
+        eng.dispose(close=False)
+    _engines.clear()
+    _sessions.clear()
+
+
+def dialect_insert(session: Session) -> Any:
+    """The INSERT construct with ON CONFLICT support for the session's database."""
+    return postgresql.insert if session.get_bind().dialect.name == "postgresql" else sqlite.insert
+
+
+def retrying(work: Callable[[Session], T], *, what: str, budget: float = 60.0) -> T:
+    """Run `work` in its own transaction, retrying while the database is unreachable or
+    locked, for up to `budget` seconds; then DatabaseUnavailable."""
+    deadline = time.monotonic() + budget
+    pause = 0.2
+    while True:
+        try:
+            with session_scope() as session:
+                return work(session)
+        except (OperationalError, InterfaceError) as exc:
+            if time.monotonic() + pause > deadline:
+                raise DatabaseUnavailable(f"database unavailable while {what}: {exc.orig}") from exc
+            log.warning(
+                "database unavailable while %s (%s); retrying in %.1f s",
+                what,
+                str(exc.orig).strip(),
+                pause,
+            )
+            time.sleep(pause)
+            pause = min(pause * 2, 5.0)

@@ -1,0 +1,306 @@
+"""The use case, framework-free: claim a chunk -> render -> send -> classify -> record.
+
+Deliveries of one message that share its context go out in one SMTP transaction; a campaign's
+deliveries, each with its own context, go out one by one over the same session. Outcomes are
+recorded in batches; a relay-wide failure (throttling, unreachable, misconfigured) stops the
+chunk and hands the untried deliveries back without spending their attempts.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from mailer import clock, compose, db, outcomes, templates
+from mailer.config import Settings
+from mailer.config import settings as current_settings
+from mailer.errors import InputError
+from mailer.models import (
+    Campaign,
+    Delivery,
+    DeliveryState,
+    Message,
+    Relay,
+    Suppression,
+    Template,
+)
+from mailer.outcomes import Claimed, Verdict
+from mailer.replies import Phase, ReplyClass, SMTPReply, classify
+from mailer.transport.base import Outgoing, Transport
+from mailer.transport.smtp import session_for
+
+log = logging.getLogger(__name__)
+S = DeliveryState
+# recipients in one transaction: RFC 5321 4.5.3.1.8 obliges servers to take 100
+MAX_RECIPIENTS = 100
+FLUSH_EVERY = 50
+FLUSH_SECONDS = 1.0
+
+
+@dataclass
+class _Work:
+    delivery: Delivery
+    message: Message
+    template: Template
+
+
+@dataclass
+class ChunkReport:
+    claimed: int = 0
+    attempted: int = 0
+    released: int = 0
+
+
+def deliver_chunk(
+    ids: Sequence[int], *, transport: Transport | None = None, settings: Settings | None = None
+) -> ChunkReport:
+    s = settings or current_settings()
+    relay = transport or session_for(s.smtp)
+    now = clock.now()
+    budget = s.lease_seconds / 2
+    lease = db.retrying(
+        lambda db_: outcomes.claim(db_, ids, now, s.lease_seconds),
+        what="claiming deliveries",
+        budget=budget,
+    )
+    if lease is None:
+        return ChunkReport()
+    work, held = db.retrying(
+        lambda db_: _load(db_, ids, lease, relay.name, now),
+        what="loading claimed deliveries",
+        budget=budget,
+    )
+    report = ChunkReport(claimed=len(work) + held)
+    recorder = _Recorder(s, lease, {w.delivery.id: _claimed(w.delivery, lease) for w in work})
+    groups = list(_transactions(work))
+    for index, group in enumerate(groups):
+        verdicts = _attempt(group, relay)
+        report.attempted += len(group)
+        recorder.add(verdicts)
+        stop = next((v.klass for v in verdicts if v.klass.relay_wide), None)
+        if stop is not None:
+            rest = [w for g in groups[index + 1 :] for w in g]
+            report.released += len(rest)
+            recorder.flush()
+            _hand_back(rest, stop, lease, s)
+            break
+    recorder.flush()
+    return report
+
+
+def _claimed(d: Delivery, lease: datetime) -> Claimed:
+    return Claimed(id=d.id, attempts=d.attempts, created_at=d.created_at, lease_until=lease)
+
+
+def _load(
+    session: Session, ids: Sequence[int], lease: datetime, relay: str, now: datetime
+) -> tuple[list[_Work], int]:
+    """The deliveries this worker claimed; those that must not be sent now are closed or handed
+    back here (returns the work and how many were held back)."""
+    rows = session.execute(
+        select(Delivery, Message, Template, Campaign.paused)
+        .join(Message, Delivery.message_id == Message.id)
+        .join(Template, Message.template_id == Template.id)
+        .outerjoin(Campaign, Message.campaign_id == Campaign.id)
+        .where(Delivery.id.in_(ids), Delivery.state == S.SENDING, Delivery.lease_until == lease)
+        .order_by(Delivery.id)
+    ).all()
+    keys = [d.recipient.lower() for d, *_ in rows]
+    suppressed = (
+        dict(
+            session.execute(
+                select(Suppression.address, Suppression.reason).where(Suppression.address.in_(keys))
+            )
+            .tuples()
+            .all()
+        )
+        if keys
+        else {}
+    )
+    state = outcomes.relay_state(session, relay)
+    closed: dict[int, tuple[DeliveryState, str]] = {}
+    paused: list[int] = []
+    work: list[_Work] = []
+    for delivery, message, template, campaign_paused in rows:
+        if message.expires_at is not None and now >= message.expires_at:
+            closed[delivery.id] = (
+                S.EXPIRED,
+                f"message expired at {message.expires_at.isoformat()}",
+            )
+        elif delivery.recipient.lower() in suppressed:
+            closed[delivery.id] = (
+                S.SUPPRESSED,
+                f"suppressed: {suppressed[delivery.recipient.lower()]}",
+            )
+        elif campaign_paused:
+            paused.append(delivery.id)
+        else:
+            work.append(_Work(delivery, message, template))
+    outcomes.finish_unsent(session, closed, lease, now)
+    outcomes.release(session, paused, lease, state=S.QUEUED, not_before=now, now=now)
+    wait = _relay_wait(state, now)
+    if wait is not None and work:
+        outcomes.release(
+            session,
+            [w.delivery.id for w in work],
+            lease,
+            state=wait[0],
+            not_before=wait[1],
+            now=now,
+        )
+        return [], len(rows)
+    return work, len(closed) + len(paused)
+
+
+def _relay_wait(state: Relay | None, now: datetime) -> tuple[DeliveryState, datetime] | None:
+    """How to hand work back while the relay is paused (queued) or resting (deferred)."""
+    if state is None:
+        return None
+    if state.paused_reason:
+        return S.QUEUED, now
+    if state.backoff_until is not None and state.backoff_until > now:
+        return S.DEFERRED, state.backoff_until
+    return None
+
+
+def _transactions(work: list[_Work]) -> Iterator[list[_Work]]:
+    """Deliveries rendered alike (same message, no own context) share a transaction."""
+    shared: dict[int, list[_Work]] = {}
+    for item in work:
+        if item.delivery.context is None:
+            group = shared.setdefault(item.message.id, [])
+            group.append(item)
+            if len(group) == MAX_RECIPIENTS:
+                yield shared.pop(item.message.id)
+        else:
+            yield [item]
+    yield from shared.values()
+
+
+def _attempt(group: list[_Work], relay: Transport) -> list[Verdict]:
+    started = clock.now()
+    try:
+        outgoing = _compose(group)
+    except InputError as exc:
+        # a poison message fails alone; the rest of the chunk goes on
+        reply = SMTPReply.lost(str(exc))
+        return [_verdict(w, reply, Phase.LOCAL, relay.name, False, started) for w in group]
+    verdicts: list[Verdict] = []
+    by_address = {w.delivery.recipient: w for w in group}
+    while outgoing.recipients:
+        result = relay.send(outgoing)
+        retry_now = []
+        for r in result.results:
+            klass = classify(r.reply, r.phase)
+            if klass is ReplyClass.TOO_MANY_RECIPIENTS and len(outgoing.recipients) > 1:
+                retry_now.append(r.recipient)
+                continue
+            verdicts.append(
+                Verdict(
+                    by_address[r.recipient].delivery.id,
+                    r.recipient,
+                    r.reply,
+                    r.phase,
+                    klass,
+                    result.relay,
+                    result.tls,
+                    result.started,
+                    result.finished,
+                )
+            )
+        if len(retry_now) == len(outgoing.recipients):
+            retry_now = retry_now[len(retry_now) // 2 :]  # the server took none: halve the batch
+        outgoing = Outgoing(outgoing.sender, tuple(retry_now), outgoing.data, outgoing.smtputf8)
+    return verdicts
+
+
+def _verdict(
+    w: _Work, reply: SMTPReply, phase: Phase, relay: str, tls: bool, started: datetime
+) -> Verdict:
+    return Verdict(
+        w.delivery.id,
+        w.delivery.recipient,
+        reply,
+        phase,
+        classify(reply, phase),
+        relay,
+        tls,
+        started,
+        clock.now(),
+    )
+
+
+def _compose(group: list[_Work]) -> Outgoing:
+    first = group[0]
+    message = first.message
+    context: dict[str, Any] = {"email": first.delivery.recipient, **message.context}
+    if first.delivery.context is not None:
+        context.update(first.delivery.context)
+    rendered = templates.compiled(first.template).render(context)
+    headers = templates.render_headers(message.id, message.headers, context)
+    recipients = tuple(w.delivery.recipient for w in group)
+    domain = message.from_addr.rpartition("@")[2]
+    own = first.delivery.id if first.delivery.context is not None else None
+    msg = compose.build(
+        rendered,
+        from_addr=message.from_addr,
+        to=recipients,
+        msg_id=compose.message_id(message.token, domain, own),
+        date=clock.now(),
+        headers=headers,
+    )
+    smtputf8 = not all(a.isascii() for a in (message.from_addr, *recipients))
+    return Outgoing(
+        message.from_addr, recipients, compose.to_bytes(msg, smtputf8=smtputf8), smtputf8
+    )
+
+
+def _hand_back(rest: list[_Work], stop: ReplyClass, lease: datetime, s: Settings) -> None:
+    if not rest:
+        return
+    now = clock.now()
+    if stop is ReplyClass.CONFIGURATION:
+        state, when = S.QUEUED, now
+    else:
+        state, when = S.DEFERRED, now + timedelta(seconds=s.relay_backoff)
+    ids = [w.delivery.id for w in rest]
+    db.retrying(
+        lambda db_: outcomes.release(db_, ids, lease, state=state, not_before=when, now=now),
+        what="handing back deliveries",
+        budget=s.lease_seconds / 2,
+    )
+
+
+class _Recorder:
+    """Collects verdicts and writes them in batches: one transaction per FLUSH_EVERY outcomes
+    or FLUSH_SECONDS, whichever comes first."""
+
+    def __init__(self, s: Settings, lease: datetime, claimed: dict[int, Claimed]) -> None:
+        self.settings = s
+        self.lease = lease
+        self.claimed = claimed
+        self.pending: list[Verdict] = []
+        self.since = time.monotonic()
+
+    def add(self, verdicts: list[Verdict]) -> None:
+        self.pending.extend(verdicts)
+        if len(self.pending) >= FLUSH_EVERY or time.monotonic() - self.since >= FLUSH_SECONDS:
+            self.flush()
+
+    def flush(self) -> None:
+        batch, self.pending = self.pending, []
+        self.since = time.monotonic()
+        if batch:
+            now = clock.now()
+            db.retrying(
+                lambda db_: outcomes.record(db_, batch, self.claimed, self.settings, now),
+                what="recording outcomes",
+                budget=self.settings.lease_seconds / 2,
+            )

@@ -1,0 +1,360 @@
+"""The producer API: validate, write the outbox rows and commit, then publish wake-ups.
+
+The database is the truth: rows are committed before anything is published, so a broker that
+is down or loses a task delays mail (the dispatcher republishes) but never loses it. Anything
+invalid raises InputError before a row is written; a campaign is written in one transaction,
+so a bad row leaves no partial campaign behind.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from mailer import addresses, clock, compose, db, publish, templates
+from mailer.config import settings
+from mailer.errors import InputError
+from mailer.models import (
+    Campaign,
+    Delivery,
+    DeliveryState,
+    Message,
+    Priority,
+    Suppression,
+    Template,
+)
+
+MAX_CONTEXT_BYTES = 256 * 1024
+BATCH = 2000
+RecipientRow = Mapping[str, Any] | tuple[int, Mapping[str, Any]]
+
+
+def send(
+    template: str,
+    to: str | Sequence[str],
+    context: Mapping[str, Any] | None = None,
+    *,
+    idempotency_key: str | None = None,
+    from_addr: str | None = None,
+    headers: Mapping[str, str] | None = None,
+    send_at: datetime | None = None,
+    expires_at: datetime | None = None,
+    priority: Priority = Priority.TRANSACTIONAL,
+) -> int:
+    """Queue one message to one or more recipients; returns the message id.
+
+    The same `idempotency_key` twice returns the first message's id and sends nothing more,
+    so a web request that is retried never mails twice.
+    """
+    recipients = [addresses.parse(a) for a in ([to] if isinstance(to, str) else to)]
+    if not recipients:
+        raise InputError("no recipients")
+    ctx = _context(context)
+    now = clock.now()
+    with db.session_scope() as session:
+        if idempotency_key is not None:
+            existing = _by_key(session, idempotency_key)
+            if existing is not None:
+                return existing
+        tmpl = templates.latest(session, template)
+        message = _message(
+            session,
+            tmpl,
+            from_addr,
+            ctx,
+            headers,
+            send_at,
+            expires_at,
+            priority,
+            idempotency_key,
+            campaign=None,
+            now=now,
+        )
+        _check_renders(tmpl, message, {"email": recipients[0].normalized, **ctx})
+        unique = {a.key: a for a in recipients}.values()
+        suppressed = _suppressed(session, [a.key for a in unique])
+        session.execute(
+            db.dialect_insert(session)(Delivery).on_conflict_do_nothing(),
+            [_delivery_row(message, a, None, suppressed, now) for a in unique],
+        )
+        ids = _queued_ids(session, message.id)
+        message_id = message.id
+    if _due(send_at, now):
+        publish.publish(ids, priority, settings().chunk_size)
+    return message_id
+
+
+@dataclass
+class CampaignResult:
+    campaign_id: int
+    message_id: int
+    queued: int = 0
+    suppressed: int = 0
+    duplicates: int = 0
+    invalid: int = 0
+    rejected: list[str] = field(default_factory=list)  # the first few invalid rows, explained
+
+
+def send_campaign(
+    template: str,
+    recipients: Iterable[RecipientRow],
+    *,
+    name: str | None = None,
+    from_addr: str | None = None,
+    context: Mapping[str, Any] | None = None,
+    headers: Mapping[str, str] | None = None,
+    send_at: datetime | None = None,
+    expires_at: datetime | None = None,
+    skip_invalid: bool = False,
+    progress: Callable[[int], None] | None = None,
+) -> CampaignResult:
+    """Queue one templated message to a stream of recipients (each a mapping with "email" and
+    its own context). The stream is read once, in batches, never held in memory whole."""
+    ctx = _context(context)
+    now = clock.now()
+    with db.session_scope() as session:
+        tmpl = templates.latest(session, template)
+        campaign = Campaign(
+            name=name or f"{template} {now:%Y-%m-%d %H:%M}", paused=False, created_at=now
+        )
+        session.add(campaign)
+        session.flush()
+        message = _message(
+            session,
+            tmpl,
+            from_addr,
+            ctx,
+            headers,
+            send_at,
+            expires_at,
+            Priority.BULK,
+            None,
+            campaign=campaign,
+            now=now,
+        )
+        result = CampaignResult(campaign.id, message.id)
+        seen = 0
+        for batch in _batches(_numbered(recipients), BATCH):
+            rows = _campaign_rows(
+                session, tmpl, message, ctx, batch, now, result, skip_invalid, first=seen == 0
+            )
+            if rows:
+                session.execute(db.dialect_insert(session)(Delivery).on_conflict_do_nothing(), rows)
+            seen += len(batch)
+            if progress:
+                progress(seen)
+        if seen == 0:
+            raise InputError("the recipient list is empty")
+        written = _count(session, message.id)
+        result.duplicates = seen - result.invalid - written
+        result.suppressed = _count(session, message.id, DeliveryState.SUPPRESSED)
+        result.queued = written - result.suppressed
+        if result.queued == 0 and result.suppressed == 0:
+            raise InputError("no valid recipient in the list; nothing was queued")
+    if _due(send_at, now):
+        with db.session_scope() as session:
+            publish.publish(
+                _stream_queued_ids(session, message.id), Priority.BULK, settings().chunk_size
+            )
+    return result
+
+
+def _campaign_rows(
+    session: Session,
+    tmpl: Template,
+    message: Message,
+    ctx: dict[str, Any],
+    batch: list[tuple[int, Mapping[str, Any]]],
+    now: datetime,
+    result: CampaignResult,
+    skip_invalid: bool,
+    *,
+    first: bool,
+) -> list[dict[str, Any]]:
+    compiled = templates.compiled(tmpl)
+    parsed = []
+    for line, row in batch:
+        try:
+            address = addresses.parse(str(row.get("email", "")))
+            own = {k: v for k, v in row.items()}
+            _check_headers(compiled, message, {**ctx, **own})
+            if first and not parsed:
+                _check_renders(tmpl, message, {**ctx, **own})
+        except InputError as exc:
+            if not skip_invalid:
+                raise InputError(f"recipient {line}: {exc}") from None
+            result.invalid += 1
+            if len(result.rejected) < 20:
+                result.rejected.append(f"recipient {line}: {exc}")
+            continue
+        parsed.append((address, own))
+    suppressed = _suppressed(session, [a.key for a, _ in parsed])
+    return [_delivery_row(message, a, own, suppressed, now) for a, own in parsed]
+
+
+def _message(
+    session: Session,
+    tmpl: Template,
+    from_addr: str | None,
+    ctx: dict[str, Any],
+    headers: Mapping[str, str] | None,
+    send_at: datetime | None,
+    expires_at: datetime | None,
+    priority: Priority,
+    idempotency_key: str | None,
+    *,
+    campaign: Campaign | None,
+    now: datetime,
+) -> Message:
+    sender = from_addr or settings().from_addr
+    if not sender:
+        raise InputError("no sender: pass from_addr (--from) or set MAILER_FROM")
+    sender_address = addresses.parse(sender)
+    extra = dict(headers or {})
+    compose.check_extra_headers(extra)
+    for when, label in ((send_at, "send_at"), (expires_at, "expires_at")):
+        if when is not None and when.tzinfo is None:
+            raise InputError(f"{label} must carry a time zone (e.g. 2026-12-01T09:00:00+00:00)")
+    if send_at and expires_at and expires_at <= send_at:
+        raise InputError("expires_at must be after send_at")
+    message = Message(
+        campaign_id=campaign.id if campaign else None,
+        template_id=tmpl.id,
+        from_addr=sender_address.normalized,
+        context=ctx,
+        headers=extra,
+        token=secrets.token_hex(8),
+        idempotency_key=idempotency_key,
+        priority=priority,
+        send_at=send_at,
+        expires_at=expires_at,
+        created_at=now,
+    )
+    session.add(message)
+    session.flush()
+    return message
+
+
+def _check_renders(tmpl: Template, message: Message, context: dict[str, Any]) -> None:
+    """Render and compose once, so a template or header error is reported now, not later."""
+    rendered = templates.compiled(tmpl).render(context)
+    compose.build(
+        rendered,
+        from_addr=message.from_addr,
+        to=[context["email"]],
+        msg_id=compose.message_id(message.token, "check.invalid", None),
+        date=clock.now(),
+        headers=templates.render_headers(-1, message.headers, context),
+    )
+
+
+def _check_headers(compiled: templates.Compiled, message: Message, context: dict[str, Any]) -> None:
+    """The parts of a campaign row that reach headers: checked for every row at enqueue."""
+    compose.check_header("Subject", compiled.render_subject(context))
+    for name, value in templates.render_headers(message.id, message.headers, context).items():
+        compose.check_header(name, value)
+
+
+def _context(context: Mapping[str, Any] | None) -> dict[str, Any]:
+    ctx = dict(context or {})
+    try:
+        size = len(json.dumps(ctx))
+    except (TypeError, ValueError) as exc:
+        raise InputError(f"the context must be JSON: {exc}") from None
+    if size > MAX_CONTEXT_BYTES:
+        raise InputError(
+            f"the context is {size / 1024:.0f} KiB; the limit is {MAX_CONTEXT_BYTES // 1024} KiB "
+            "(store large data elsewhere and pass a reference)"
+        )
+    return ctx
+
+
+def _delivery_row(
+    message: Message,
+    address: addresses.Address,
+    own: Mapping[str, Any] | None,
+    suppressed: set[str],
+    now: datetime,
+) -> dict[str, Any]:
+    blocked = address.key in suppressed
+    return {
+        "message_id": message.id,
+        "recipient": address.normalized,
+        "domain": address.domain,
+        "context": dict(own) if own is not None else None,
+        "state": DeliveryState.SUPPRESSED if blocked else DeliveryState.QUEUED,
+        "last_reply": "on the suppression list at enqueue" if blocked else None,
+        "attempts": 0,
+        "next_attempt_at": message.send_at or now,
+        "published_at": now if _due(message.send_at, now) else None,
+        "created_at": now,
+        "updated_at": now,
+    }
+
+
+def _suppressed(session: Session, keys: list[str]) -> set[str]:
+    if not keys:
+        return set()
+    return set(session.scalars(select(Suppression.address).where(Suppression.address.in_(keys))))
+
+
+def _by_key(session: Session, key: str) -> int | None:
+    return session.scalar(select(Message.id).where(Message.idempotency_key == key))
+
+
+def _queued_ids(session: Session, message_id: int) -> list[int]:
+    return list(
+        session.scalars(
+            select(Delivery.id).where(
+                Delivery.message_id == message_id, Delivery.state == DeliveryState.QUEUED
+            )
+        )
+    )
+
+
+def _stream_queued_ids(session: Session, message_id: int) -> Iterable[int]:
+    result = session.execute(
+        select(Delivery.id)
+        .where(Delivery.message_id == message_id, Delivery.state == DeliveryState.QUEUED)
+        .order_by(Delivery.id)
+        .execution_options(yield_per=5000)
+    )
+    return (row[0] for row in result)
+
+
+def _count(session: Session, message_id: int, state: DeliveryState | None = None) -> int:
+    from sqlalchemy import func
+
+    query = select(func.count()).select_from(Delivery).where(Delivery.message_id == message_id)
+    if state is not None:
+        query = query.where(Delivery.state == state)
+    return session.scalar(query) or 0
+
+
+def _due(send_at: datetime | None, now: datetime) -> bool:
+    return send_at is None or send_at <= now
+
+
+def _numbered(rows: Iterable[RecipientRow]) -> Iterable[tuple[int, Mapping[str, Any]]]:
+    for index, row in enumerate(rows, start=1):
+        yield row if isinstance(row, tuple) else (index, row)
+
+
+def _batches(
+    rows: Iterable[tuple[int, Mapping[str, Any]]], size: int
+) -> Iterable[list[tuple[int, Mapping[str, Any]]]]:
+    batch: list[tuple[int, Mapping[str, Any]]] = []
+    for row in rows:
+        batch.append(row)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch

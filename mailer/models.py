@@ -1,0 +1,212 @@
+"""The tables (SQLAlchemy 2 declarative). Alembic migrations are the only source of the schema."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from enum import Enum, StrEnum
+from typing import Any, ClassVar
+
+from sqlalchemy import (
+    JSON,
+    Boolean,
+    DateTime,
+    Dialect,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Text,
+    TypeDecorator,
+    UniqueConstraint,
+)
+from sqlalchemy import Enum as SAEnum
+from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+
+class DeliveryState(StrEnum):
+    QUEUED = "queued"
+    SENDING = "sending"
+    SENT = "sent"
+    DEFERRED = "deferred"
+    BOUNCED = "bounced"
+    FAILED = "failed"
+    UNKNOWN = "unknown"
+    EXPIRED = "expired"
+    SUPPRESSED = "suppressed"
+    CANCELLED = "cancelled"
+
+    @property
+    def final(self) -> bool:
+        return self not in (DeliveryState.QUEUED, DeliveryState.SENDING, DeliveryState.DEFERRED)
+
+
+class Priority(StrEnum):
+    """Also the Celery queue name: workers serve `transactional` before `bulk`."""
+
+    TRANSACTIONAL = "transactional"
+    BULK = "bulk"
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """Timezone-aware UTC in Python on every backend (SQLite keeps naive UTC text)."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("naive datetime given to a UTC column")
+        value = value.astimezone(UTC)
+        return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
+
+    def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+def _enum(kind: type[Enum]) -> SAEnum:
+    return SAEnum(
+        kind,
+        native_enum=False,
+        length=16,
+        values_callable=lambda members: [member.value for member in members],
+        validate_strings=True,
+    )
+
+
+JSONType = JSON().with_variant(JSONB(), "postgresql")
+
+NAMING = {
+    "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+    "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING)
+    type_annotation_map: ClassVar[dict[Any, Any]] = {
+        datetime: UTCDateTime(),
+        dict[str, Any]: JSONType,
+    }
+
+
+class Template(Base):
+    __tablename__ = "templates"
+    __table_args__ = (UniqueConstraint("name", "version"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str] = mapped_column(String(200))
+    version: Mapped[int] = mapped_column(Integer)
+    subject: Mapped[str] = mapped_column(Text)
+    text: Mapped[str] = mapped_column(Text)
+    html: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime]
+
+
+class Campaign(Base):
+    __tablename__ = "campaigns"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str] = mapped_column(String(200))
+    paused: Mapped[bool] = mapped_column(Boolean, default=False)
+    created_at: Mapped[datetime]
+
+
+class Message(Base):
+    """What is rendered: a template version, a sender, shared context and headers.
+
+    A transactional message is one message with one delivery per recipient, all rendered
+    alike and sent in one SMTP transaction. A campaign is one message whose deliveries each
+    carry their own context, rendered and sent one by one.
+    """
+
+    __tablename__ = "messages"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    campaign_id: Mapped[int | None] = mapped_column(ForeignKey("campaigns.id"), index=True)
+    template_id: Mapped[int] = mapped_column(ForeignKey("templates.id"))
+    from_addr: Mapped[str] = mapped_column(String(320))
+    context: Mapped[dict[str, Any]]
+    headers: Mapped[dict[str, Any]]
+    # random token from which every Message-ID of this message is derived (stable across retries)
+    token: Mapped[str] = mapped_column(String(32))
+    idempotency_key: Mapped[str | None] = mapped_column(String(200), unique=True)
+    priority: Mapped[Priority] = mapped_column(_enum(Priority))
+    send_at: Mapped[datetime | None]
+    expires_at: Mapped[datetime | None]
+    created_at: Mapped[datetime]
+
+
+class Delivery(Base):
+    """One recipient of one message: the unit that is claimed, sent, retried and reported."""
+
+    __tablename__ = "deliveries"
+    __table_args__ = (
+        UniqueConstraint("message_id", "recipient"),
+        Index(None, "state", "next_attempt_at"),
+        Index(None, "message_id", "state"),
+    )
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    message_id: Mapped[int] = mapped_column(ForeignKey("messages.id"))
+    recipient: Mapped[str] = mapped_column(String(320))
+    domain: Mapped[str] = mapped_column(String(255))
+    context: Mapped[dict[str, Any] | None]
+    state: Mapped[DeliveryState] = mapped_column(_enum(DeliveryState))
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    next_attempt_at: Mapped[datetime]
+    lease_until: Mapped[datetime | None]
+    published_at: Mapped[datetime | None]
+    last_phase: Mapped[str | None] = mapped_column(String(16))
+    last_code: Mapped[int | None] = mapped_column(Integer)
+    last_enhanced: Mapped[str | None] = mapped_column(String(16))
+    last_reply: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime]
+    updated_at: Mapped[datetime]
+
+
+class Attempt(Base):
+    """One SMTP exchange for one delivery, with the server's exact answer."""
+
+    __tablename__ = "attempts"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    delivery_id: Mapped[int] = mapped_column(ForeignKey("deliveries.id"), index=True)
+    started_at: Mapped[datetime]
+    finished_at: Mapped[datetime]
+    phase: Mapped[str] = mapped_column(String(16))
+    code: Mapped[int | None] = mapped_column(Integer)
+    enhanced: Mapped[str | None] = mapped_column(String(16))
+    reply: Mapped[str] = mapped_column(Text)
+    outcome: Mapped[str] = mapped_column(String(24))
+    relay: Mapped[str] = mapped_column(String(300))
+    tls: Mapped[bool] = mapped_column(Boolean)
+
+
+class Suppression(Base):
+    __tablename__ = "suppressions"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    address: Mapped[str] = mapped_column(String(320), unique=True)
+    reason: Mapped[str] = mapped_column(Text)
+    source_delivery_id: Mapped[int | None] = mapped_column(ForeignKey("deliveries.id"))
+    created_at: Mapped[datetime]
+
+
+class Relay(Base):
+    """A relay's health: paused by a configuration error, or resting after throttling."""
+
+    __tablename__ = "relays"
+
+    name: Mapped[str] = mapped_column(String(300), primary_key=True)
+    paused_reason: Mapped[str | None] = mapped_column(Text)
+    backoff_until: Mapped[datetime | None]
+    updated_at: Mapped[datetime]

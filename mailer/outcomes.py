@@ -1,0 +1,305 @@
+"""Every delivery state transition, in one place, written in bulk.
+
+queued/deferred --claim--> sending --record--> sent | deferred | bounced | failed | unknown
+                                              | expired | queued (relay unusable, nothing spent)
+The claim is a compare-and-set UPDATE; `record` is fenced by the lease the claim handed out, so
+a worker whose lease ran out (and whose deliveries were handed to another) changes nothing.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import and_, bindparam, insert, or_, update
+from sqlalchemy.orm import Session
+
+from mailer import backoff, db
+from mailer.config import Settings
+from mailer.models import Attempt, Delivery, DeliveryState, Relay, Suppression
+from mailer.replies import Phase, ReplyClass, SMTPReply
+
+log = logging.getLogger(__name__)
+S = DeliveryState
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """One delivery's result in one attempt, classified."""
+
+    delivery_id: int
+    recipient: str
+    reply: SMTPReply
+    phase: Phase
+    klass: ReplyClass
+    relay: str
+    tls: bool
+    started: datetime
+    finished: datetime
+
+
+@dataclass(frozen=True)
+class Claimed:
+    """What `record` needs to know of a claimed delivery to decide its next state."""
+
+    id: int
+    attempts: int
+    created_at: datetime
+    lease_until: datetime
+
+
+# --- claim -------------------------------------------------------------------------------------
+
+
+def claimable(now: datetime) -> Any:
+    return or_(
+        and_(Delivery.state.in_([S.QUEUED, S.DEFERRED]), Delivery.next_attempt_at <= now),
+        and_(Delivery.state == S.SENDING, Delivery.lease_until < now),
+    )
+
+
+def claim(
+    session: Session, ids: Sequence[int], now: datetime, lease_seconds: float
+) -> datetime | None:
+    """Take the due deliveries among `ids` for this worker; returns the lease (the fencing
+    token for `record`), or None if another worker holds or finished them all."""
+    lease = now + timedelta(seconds=lease_seconds)
+    claimed = session.scalars(
+        update(Delivery)
+        .where(Delivery.id.in_(ids), claimable(now))
+        .values(state=S.SENDING, lease_until=lease, updated_at=now)
+        .returning(Delivery.id)
+    ).all()
+    return lease if claimed else None
+
+
+# --- record ------------------------------------------------------------------------------------
+
+
+def record(
+    session: Session,
+    verdicts: Sequence[Verdict],
+    claimed: dict[int, Claimed],
+    settings: Settings,
+    now: datetime,
+) -> int:
+    """Write attempt rows and the new states; returns how many deliveries changed (a lower
+    number means a lease had run out and another worker owns those deliveries now)."""
+    if not verdicts:
+        return 0
+    session.execute(insert(Attempt), [_attempt_row(v) for v in verdicts])
+    rows = [_state_row(v, claimed[v.delivery_id], settings, now) for v in verdicts]
+    changed = _update_fenced(session, rows)
+    bounced = [v for v in verdicts if v.klass is ReplyClass.HARD_BOUNCE]
+    if bounced:
+        suppress(
+            session, ((v.recipient, f"hard bounce: {v.reply}", v.delivery_id) for v in bounced), now
+        )
+    _relay_health(session, verdicts, settings, now)
+    if changed < len(rows):
+        log.warning(
+            "%d of %d outcomes not recorded: their lease had expired and another worker "
+            "took them over",
+            len(rows) - changed,
+            len(rows),
+        )
+    return changed
+
+
+def _attempt_row(v: Verdict) -> dict[str, Any]:
+    return {
+        "delivery_id": v.delivery_id,
+        "started_at": v.started,
+        "finished_at": v.finished,
+        "phase": v.phase.value,
+        "code": v.reply.code,
+        "enhanced": v.reply.enhanced,
+        "reply": v.reply.text,
+        "outcome": v.klass.value,
+        "relay": v.relay,
+        "tls": v.tls,
+    }
+
+
+def _state_row(v: Verdict, c: Claimed, settings: Settings, now: datetime) -> dict[str, Any]:
+    state, attempts, when = _next_state(v, c, settings, now)
+    return {
+        "b_id": c.id,
+        "b_lease": c.lease_until,
+        "state": state,
+        "attempts": attempts,
+        "next_attempt_at": when,
+        "last_phase": v.phase.value,
+        "last_code": v.reply.code,
+        "last_enhanced": v.reply.enhanced,
+        "last_reply": v.reply.text,
+        "updated_at": now,
+    }
+
+
+def _next_state(
+    v: Verdict, c: Claimed, settings: Settings, now: datetime
+) -> tuple[DeliveryState, int, datetime]:
+    k = v.klass
+    if k is ReplyClass.DELIVERED:
+        return S.SENT, c.attempts + 1, now
+    if k is ReplyClass.HARD_BOUNCE:
+        return S.BOUNCED, c.attempts + 1, now
+    if k in (ReplyClass.MESSAGE_FAILURE, ReplyClass.PROTOCOL):
+        return S.FAILED, c.attempts + 1, now
+    if k is ReplyClass.AMBIGUOUS and settings.ambiguous == "hold":
+        return S.UNKNOWN, c.attempts + 1, now
+    if k is ReplyClass.CONFIGURATION:
+        return S.QUEUED, c.attempts, now  # the relay is paused; nothing is spent
+    if k.relay_wide:
+        # throttled or unreachable: wait for the relay, keep the recipient's attempt budget
+        rest = now + timedelta(seconds=settings.relay_backoff)
+        deadline = c.created_at + timedelta(seconds=settings.retry.max_age)
+        return (
+            (S.EXPIRED, c.attempts, now)
+            if now >= deadline
+            else (S.DEFERRED, c.attempts, min(rest, deadline))
+        )
+    if k is ReplyClass.TOO_MANY_RECIPIENTS:
+        return S.DEFERRED, c.attempts, now  # not this recipient's fault: at once, nothing spent
+    failures = c.attempts + 1  # transient, or ambiguous under the retry policy
+    when = backoff.next_attempt(
+        settings.retry,
+        failures=failures,
+        enqueued_at=c.created_at,
+        now=now,
+        hint=backoff.server_hint(v.reply.text),
+    )
+    return (S.EXPIRED, failures, now) if when is None else (S.DEFERRED, failures, when)
+
+
+_FENCED_UPDATE = (
+    update(Delivery)
+    .where(
+        Delivery.id == bindparam("b_id"),
+        Delivery.state == S.SENDING,
+        Delivery.lease_until == bindparam("b_lease"),
+    )
+    .values(
+        state=bindparam("state"),
+        attempts=bindparam("attempts"),
+        next_attempt_at=bindparam("next_attempt_at"),
+        lease_until=None,
+        last_phase=bindparam("last_phase"),
+        last_code=bindparam("last_code"),
+        last_enhanced=bindparam("last_enhanced"),
+        last_reply=bindparam("last_reply"),
+        updated_at=bindparam("updated_at"),
+    )
+)
+
+
+def _update_fenced(session: Session, rows: list[dict[str, Any]]) -> int:
+    result = session.connection().execute(_FENCED_UPDATE, rows)
+    return result.rowcount if result.rowcount >= 0 else len(rows)
+
+
+def _relay_health(
+    session: Session, verdicts: Sequence[Verdict], settings: Settings, now: datetime
+) -> None:
+    for v in verdicts:
+        if v.klass is ReplyClass.CONFIGURATION:
+            pause_relay(session, v.relay, f"{v.phase.value}: {v.reply}", now)
+            return
+    for v in verdicts:
+        if v.klass in (ReplyClass.THROTTLED, ReplyClass.CONNECTION):
+            rest_relay(session, v.relay, now + timedelta(seconds=settings.relay_backoff), now)
+            return
+
+
+# --- other transitions -------------------------------------------------------------------------
+
+
+def release(
+    session: Session,
+    ids: Iterable[int],
+    lease: datetime,
+    *,
+    state: DeliveryState,
+    not_before: datetime,
+    now: datetime,
+) -> None:
+    """Hand claimed deliveries back untouched (relay paused or resting, campaign paused)."""
+    session.execute(
+        update(Delivery)
+        .where(
+            Delivery.id.in_(list(ids)), Delivery.state == S.SENDING, Delivery.lease_until == lease
+        )
+        .values(state=state, lease_until=None, next_attempt_at=not_before, updated_at=now)
+    )
+
+
+def finish_unsent(
+    session: Session, reasons: dict[int, tuple[DeliveryState, str]], lease: datetime, now: datetime
+) -> None:
+    """Close claimed deliveries that were never offered to a server (suppressed, expired)."""
+    for state in {s for s, _ in reasons.values()}:
+        rows = [
+            {"b_id": i, "b_lease": lease, "reply": why}
+            for i, (s, why) in reasons.items()
+            if s is state
+        ]
+        session.connection().execute(
+            update(Delivery)
+            .where(
+                Delivery.id == bindparam("b_id"),
+                Delivery.state == S.SENDING,
+                Delivery.lease_until == bindparam("b_lease"),
+            )
+            .values(
+                state=state,
+                lease_until=None,
+                last_reply=bindparam("reply"),
+                last_phase=Phase.LOCAL.value,
+                updated_at=now,
+            ),
+            rows,
+        )
+
+
+def suppress(
+    session: Session, entries: Iterable[tuple[str, str, int | None]], now: datetime
+) -> int:
+    rows = [
+        {"address": a.lower(), "reason": r, "source_delivery_id": d, "created_at": now}
+        for a, r, d in entries
+    ]
+    if not rows:
+        return 0
+    stmt = db.dialect_insert(session)(Suppression).on_conflict_do_nothing(
+        index_elements=["address"]
+    )
+    return max(session.connection().execute(stmt, rows).rowcount, 0)
+
+
+def pause_relay(session: Session, name: str, reason: str, now: datetime) -> None:
+    _upsert_relay(session, name, {"paused_reason": reason, "updated_at": now})
+    log.error(
+        "relay %s paused: %s -- fix the configuration, then `mailer relay resume`", name, reason
+    )
+
+
+def rest_relay(session: Session, name: str, until: datetime, now: datetime) -> None:
+    _upsert_relay(session, name, {"backoff_until": until, "updated_at": now})
+    log.warning("relay %s throttled or unreachable: resting until %s", name, until.isoformat())
+
+
+def resume_relay(session: Session, name: str, now: datetime) -> None:
+    _upsert_relay(session, name, {"paused_reason": None, "backoff_until": None, "updated_at": now})
+
+
+def _upsert_relay(session: Session, name: str, values: dict[str, Any]) -> None:
+    stmt = db.dialect_insert(session)(Relay).values(name=name, **values)
+    session.execute(stmt.on_conflict_do_update(index_elements=["name"], set_=values))
+
+
+def relay_state(session: Session, name: str) -> Relay | None:
+    return session.get(Relay, name)

@@ -1,0 +1,74 @@
+"""Wake-ups for workers: publish chunks of delivery ids to the broker. Only a hint; may be lost."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Iterator, Sequence
+
+from kombu.exceptions import ChannelError, OperationalError
+
+from mailer.celery_app import app
+from mailer.models import Priority
+
+log = logging.getLogger(__name__)
+TASK = "mailer.deliver"
+_ONE_QUICK_RETRY = {
+    "max_retries": 1,
+    "interval_start": 0.2,
+    "interval_step": 0,
+    "interval_max": 0.2,
+}
+
+
+def chunks(ids: Iterable[int], size: int) -> Iterator[list[int]]:
+    chunk: list[int] = []
+    for delivery_id in ids:
+        chunk.append(delivery_id)
+        if len(chunk) >= size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
+def publish(ids: Iterable[int], priority: Priority, chunk_size: int) -> int:
+    """Publish the ids in chunks; returns how many ids went out. A broker that is down is
+    logged, not raised: the rows are committed and the dispatcher publishes them later."""
+    sent = 0
+    try:
+        with app.producer_or_acquire() as producer:
+            for chunk in chunks(ids, chunk_size):
+                app.send_task(
+                    TASK,
+                    args=[chunk],
+                    queue=priority.value,
+                    producer=producer,
+                    retry=True,
+                    retry_policy=_ONE_QUICK_RETRY,
+                )
+                sent += len(chunk)
+    except OperationalError as exc:
+        log.warning(
+            "broker unreachable (%s): %d deliveries stay queued in the database and "
+            "the dispatcher will publish them",
+            exc,
+            sent,
+        )
+    return sent
+
+
+def backlog(queues: Sequence[Priority] = tuple(Priority)) -> int | None:
+    """Tasks waiting in the broker, or None if the broker cannot say."""
+    total = 0
+    try:
+        with app.connection_for_read() as connection:
+            channel = connection.default_channel
+            for queue in queues:
+                try:
+                    total += channel.queue_declare(queue=queue.value, passive=True).message_count
+                except ChannelError:
+                    pass  # a queue that does not exist holds nothing
+                    channel = connection.channel()
+    except OperationalError:
+        return None
+    return total

@@ -1,0 +1,127 @@
+"""The read side for the CLI and dashboards: reads the database, never the broker."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from mailer.errors import NotFound
+from mailer.models import Campaign, Delivery, DeliveryState, Message
+
+
+@dataclass
+class CampaignStatus:
+    id: int
+    name: str
+    paused: bool
+    created_at: datetime
+    counts: dict[str, int]
+
+    @property
+    def total(self) -> int:
+        return sum(self.counts.values())
+
+    @property
+    def done(self) -> int:
+        return sum(n for state, n in self.counts.items() if DeliveryState(state).final)
+
+    @property
+    def progress(self) -> float:
+        return self.done / self.total if self.total else 1.0
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "name": self.name,
+            "paused": self.paused,
+            "created_at": self.created_at.isoformat(),
+            "total": self.total,
+            "done": self.done,
+            "progress": round(self.progress, 4),
+            "counts": self.counts,
+        }
+
+
+def campaign(session: Session, campaign_id: int) -> Campaign:
+    found = session.get(Campaign, campaign_id)
+    if found is None:
+        raise NotFound(f"no campaign {campaign_id}")
+    return found
+
+
+def campaign_status(session: Session, campaign_id: int) -> CampaignStatus:
+    c = campaign(session, campaign_id)
+    rows = session.execute(
+        select(Delivery.state, func.count())
+        .join(Message, Delivery.message_id == Message.id)
+        .where(Message.campaign_id == campaign_id)
+        .group_by(Delivery.state)
+    ).all()
+    counts = {state.value: n for state, n in rows}
+    ordered = {s.value: counts[s.value] for s in DeliveryState if s.value in counts}
+    return CampaignStatus(c.id, c.name, c.paused, c.created_at, ordered)
+
+
+REPORT_COLUMNS = ("recipient", "state", "attempts", "code", "enhanced", "reply", "updated_at")
+
+
+def report(
+    session: Session, campaign_id: int, states: list[DeliveryState] | None = None
+) -> Iterator[dict[str, Any]]:
+    """Per recipient: address, state, attempts and the server's last answer; streamed."""
+    campaign(session, campaign_id)
+    query = (
+        select(
+            Delivery.recipient,
+            Delivery.state,
+            Delivery.attempts,
+            Delivery.last_code,
+            Delivery.last_enhanced,
+            Delivery.last_reply,
+            Delivery.updated_at,
+        )
+        .join(Message, Delivery.message_id == Message.id)
+        .where(Message.campaign_id == campaign_id)
+        .order_by(Delivery.id)
+        .execution_options(yield_per=2000)
+    )
+    if states:
+        query = query.where(Delivery.state.in_(states))
+    for row in session.execute(query):
+        yield {
+            "recipient": row.recipient,
+            "state": row.state.value,
+            "attempts": row.attempts,
+            "code": row.last_code,
+            "enhanced": row.last_enhanced,
+            "reply": row.last_reply or "",
+            "updated_at": row.updated_at.isoformat(),
+        }
+
+
+def message_status(session: Session, message_id: int) -> dict[str, Any]:
+    message = session.get(Message, message_id)
+    if message is None:
+        raise NotFound(f"no message {message_id}")
+    rows = session.execute(
+        select(Delivery.recipient, Delivery.state, Delivery.last_code, Delivery.last_reply)
+        .where(Delivery.message_id == message_id)
+        .order_by(Delivery.id)
+    ).all()
+    return {
+        "id": message.id,
+        "deliveries": [
+            {
+                "recipient": r.recipient,
+                "state": r.state.value,
+                "code": r.last_code,
+                "reply": r.last_reply or "",
+            }
+            for r in rows
+        ],
+    }

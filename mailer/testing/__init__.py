@@ -1,0 +1,1 @@
+"""Test doubles for mailer: a scripted SMTP server that misbehaves on cue."""

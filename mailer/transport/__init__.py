@@ -1,0 +1,1 @@
+"""Ways to hand a composed message to a mail server: SMTP for real, memory for tests."""

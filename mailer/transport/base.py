@@ -1,0 +1,43 @@
+"""What every transport takes and returns: one SMTP transaction, per-recipient replies."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Protocol
+
+from mailer.replies import Phase, SMTPReply
+
+
+@dataclass(frozen=True)
+class Outgoing:
+    """One transaction: the envelope (never taken from headers) and the message bytes."""
+
+    sender: str
+    recipients: tuple[str, ...]
+    data: bytes
+    smtputf8: bool = False
+
+
+@dataclass(frozen=True)
+class RecipientResult:
+    recipient: str
+    reply: SMTPReply
+    phase: Phase
+
+
+@dataclass(frozen=True)
+class TransactionResult:
+    results: tuple[RecipientResult, ...]
+    relay: str
+    tls: bool
+    started: datetime
+    finished: datetime
+
+
+class Transport(Protocol):
+    name: str
+
+    def send(self, outgoing: Outgoing) -> TransactionResult: ...
+
+    def close(self) -> None: ...

@@ -1,0 +1,41 @@
+"""A transport that keeps what it is given and answers from a script: for tests and dry runs."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+from mailer import clock
+from mailer.replies import Phase, ReplyCode, SMTPReply
+from mailer.transport.base import Outgoing, RecipientResult, TransactionResult
+
+_ACCEPTED = SMTPReply.of(ReplyCode.OK, "2.0.0 Ok: queued")
+
+
+class MemoryTransport:
+    """`script(address, phase, reply)` queues replies for one recipient, used in order; with
+    none left the recipient is accepted. `sent` holds every accepted (recipient, data)."""
+
+    name = "memory"
+
+    def __init__(self) -> None:
+        self._script: dict[str, list[tuple[Phase, SMTPReply]]] = defaultdict(list)
+        self.sent: list[tuple[str, bytes]] = []
+        self.transactions: list[Outgoing] = []
+
+    def script(self, address: str, phase: Phase, reply: SMTPReply, times: int = 1) -> None:
+        self._script[address.lower()].extend([(phase, reply)] * times)
+
+    def send(self, outgoing: Outgoing) -> TransactionResult:
+        started = clock.now()
+        self.transactions.append(outgoing)
+        results = []
+        for recipient in outgoing.recipients:
+            queued = self._script.get(recipient.lower())
+            phase, reply = queued.pop(0) if queued else (Phase.DOT, _ACCEPTED)
+            if reply.code is not None and reply.code < 400 and phase is Phase.DOT:
+                self.sent.append((recipient, outgoing.data))
+            results.append(RecipientResult(recipient, reply, phase))
+        return TransactionResult(tuple(results), self.name, False, started, clock.now())
+
+    def close(self) -> None:
+        pass
