@@ -68,10 +68,11 @@ def session_scope(url: str | None = None) -> Iterator[Session]:
         session.close()
 
 
-def reset() -> None:
-    """Drop every engine (after a fork, or when tests switch databases)."""
+def reset(*, after_fork: bool = False) -> None:
+    """Drop every engine (when settings change, or in a child after a fork, where the
+    parent's connections must be left alone rather than closed)."""
     for eng in _engines.values():
-        eng.dispose(close=False)
+        eng.dispose(close=not after_fork)
     _engines.clear()
     _sessions.clear()
 

@@ -113,14 +113,13 @@ def _load(
         .order_by(Delivery.id)
     ).all()
     keys = [d.recipient.lower() for d, *_ in rows]
-    suppressed = (
-        dict(
-            session.execute(
+    suppressed: dict[str, str] = (
+        {
+            address: reason
+            for address, reason in session.execute(
                 select(Suppression.address, Suppression.reason).where(Suppression.address.in_(keys))
             )
-            .tuples()
-            .all()
-        )
+        }
         if keys
         else {}
     )
@@ -244,7 +243,7 @@ def _compose(group: list[_Work]) -> Outgoing:
     if first.delivery.context is not None:
         context.update(first.delivery.context)
     rendered = templates.compiled(first.template).render(context)
-    headers = templates.render_headers(message.id, message.headers, context)
+    headers = templates.render_headers(message.headers, context)
     recipients = tuple(w.delivery.recipient for w in group)
     domain = message.from_addr.rpartition("@")[2]
     own = first.delivery.id if first.delivery.context is not None else None

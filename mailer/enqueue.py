@@ -251,14 +251,14 @@ def _check_renders(tmpl: Template, message: Message, context: dict[str, Any]) ->
         to=[context["email"]],
         msg_id=compose.message_id(message.token, "check.invalid", None),
         date=clock.now(),
-        headers=templates.render_headers(-1, message.headers, context),
+        headers=templates.render_headers(message.headers, context),
     )
 
 
 def _check_headers(compiled: templates.Compiled, message: Message, context: dict[str, Any]) -> None:
     """The parts of a campaign row that reach headers: checked for every row at enqueue."""
     compose.check_header("Subject", compiled.render_subject(context))
-    for name, value in templates.render_headers(message.id, message.headers, context).items():
+    for name, value in templates.render_headers(message.headers, context).items():
         compose.check_header(name, value)
 
 

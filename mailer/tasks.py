@@ -19,7 +19,7 @@ def deliver(ids: list[int]) -> None:
 @worker_process_init.connect
 def _after_fork(**_: Any) -> None:
     # connections inherited from the parent must not be shared with it
-    db.reset()
+    db.reset(after_fork=True)
 
 
 @worker_process_shutdown.connect

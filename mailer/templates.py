@@ -80,39 +80,39 @@ def compile_parts(label: str, subject: str, text: str, html: str | None) -> Comp
     return Compiled(label, compiled_subject, compiled_text, compiled_html)
 
 
-# Template rows are immutable (a change is a new version), so the id is a safe cache key.
-_cache: dict[int, Compiled] = {}
+# Keyed by content, not by id: ids repeat across databases (tests, a restored backup).
+_cache: dict[tuple[str, int, str, str, str | None], Compiled] = {}
 
 
 def compiled(template: Template) -> Compiled:
-    found = _cache.get(template.id)
+    key = (template.name, template.version, template.subject, template.text, template.html)
+    found = _cache.get(key)
     if found is None:
         label = f"{template.name!r} v{template.version}"
         found = compile_parts(label, template.subject, template.text, template.html)
-        _cache[template.id] = found
+        _cache[key] = found
     return found
 
 
-_header_cache: dict[int, dict[str, jinja2.Template]] = {}
+_header_cache: dict[tuple[tuple[str, str], ...], dict[str, jinja2.Template]] = {}
 
 
-def render_headers(
-    message_id: int, headers: dict[str, str], context: dict[str, Any]
-) -> dict[str, str]:
+def render_headers(headers: dict[str, str], context: dict[str, Any]) -> dict[str, str]:
     """Extra header values are templates too (a per-recipient List-Unsubscribe URL)."""
     if not headers:
         return {}
-    compiled_headers = _header_cache.get(message_id)
+    key = tuple(headers.items())
+    compiled_headers = _header_cache.get(key)
     if compiled_headers is None:
         try:
             compiled_headers = {k: _plain.from_string(v) for k, v in headers.items()}
         except jinja2.TemplateSyntaxError as exc:
-            raise TemplateError(f"header template, line {exc.lineno}: {exc.message}") from None
-        _header_cache[message_id] = compiled_headers
+            raise TemplateError(f"a header template does not compile: {exc.message}") from None
+        _header_cache[key] = compiled_headers
     try:
         return {name: t.render(context) for name, t in compiled_headers.items()}
     except jinja2.TemplateError as exc:
-        raise TemplateError(f"header failed to render: {exc}") from None
+        raise TemplateError(f"a header failed to render: {exc}") from None
 
 
 def add(session: Session, name: str, subject: str, text: str, html: str | None = None) -> Template:

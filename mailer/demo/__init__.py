@@ -136,15 +136,14 @@ def _summary(
     with db.session_scope() as session:
         status = queries.campaign_status(session, campaign_id)
         rows = {r["recipient"]: r for r in queries.report(session, campaign_id)}
-        first_replies = dict(
-            session.execute(
-                select(Delivery.recipient, Attempt.reply)
+        first_replies = {
+            recipient: f"{code} {reply}"
+            for recipient, code, reply in session.execute(
+                select(Delivery.recipient, Attempt.code, Attempt.reply)
                 .join(Attempt, Attempt.delivery_id == Delivery.id)
                 .where(Delivery.recipient.in_(busy), Attempt.outcome != "delivered")
             )
-            .tuples()
-            .all()
-        )
+        }
     print("\nper state:")
     for state, n in status.counts.items():
         print(f"  {state:10} {n:5}")

@@ -1,0 +1,180 @@
+"""The pipeline in one process: enqueue -> claim -> send -> record, and the dispatcher."""
+
+from __future__ import annotations
+
+import threading
+from datetime import timedelta
+
+import pytest
+
+from mailer import clock, dispatcher, enqueue
+from mailer.delivery import deliver_chunk
+from mailer.errors import InputError
+from mailer.models import Attempt, Delivery, DeliveryState, Message
+from mailer.replies import Phase, SMTPReply
+from mailer.transport.memory import MemoryTransport
+from tests.helpers import add_template, attempts_of, count, deliveries, states
+
+
+def _ids() -> list[int]:
+    return [d.id for d in deliveries()]
+
+
+def test_send_delivers_and_records_every_attempt(any_db: str) -> None:
+    add_template()
+    transport = MemoryTransport()
+    message_id = enqueue.send("welcome", ["a@example.com", "b@example.com"], {"name": "Ann"})
+    report = deliver_chunk(_ids(), transport=transport)
+    assert report.attempted == 2
+    assert len(transport.transactions) == 1  # one message, two recipients, one transaction
+    assert transport.transactions[0].recipients == ("a@example.com", "b@example.com")
+    assert states() == {"a@example.com": "sent", "b@example.com": "sent"}
+    data = transport.sent[0][1].decode()
+    assert "Subject: Hello Ann" in data and f"Message-ID: <" in data
+    assert [a.code for a in attempts_of("a@example.com")] == [250]
+    assert deliveries()[0].message_id == message_id
+
+
+def test_same_idempotency_key_twice_creates_one_message_and_one_send(any_db: str) -> None:
+    add_template()
+    first = enqueue.send("welcome", "a@example.com", {"name": "A"}, idempotency_key="signup-42")
+    second = enqueue.send("welcome", "a@example.com", {"name": "A"}, idempotency_key="signup-42")
+    assert first == second
+    assert count(Message) == 1 and count(Delivery) == 1
+    transport = MemoryTransport()
+    deliver_chunk(_ids(), transport=transport)
+    deliver_chunk(_ids(), transport=transport)
+    assert len(transport.sent) == 1
+
+
+def test_two_tasks_for_the_same_deliveries_send_each_message_once(any_db: str) -> None:
+    add_template()
+    enqueue.send_campaign(
+        "welcome", ({"email": f"r{i}@example.com", "name": f"R{i}"} for i in range(40))
+    )
+    ids = _ids()
+    transport = MemoryTransport()
+    barrier = threading.Barrier(2)
+
+    def task() -> None:
+        barrier.wait()
+        deliver_chunk(ids, transport=transport)
+
+    threads = [threading.Thread(target=task) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    sent = [recipient for recipient, _ in transport.sent]
+    assert sorted(sent) == sorted(f"r{i}@example.com" for i in range(40))
+    assert count(Attempt) == 40
+    assert set(states().values()) == {"sent"}
+
+
+def test_transient_reply_defers_and_the_dispatcher_retries_when_due(
+    any_db: str, configure_env
+) -> None:
+    configure_env(retry_first_delay=60)
+    add_template()
+    transport = MemoryTransport()
+    transport.script("a@example.com", Phase.RCPT, SMTPReply.of(451, "4.3.0 Try again later"))
+    enqueue.send("welcome", "a@example.com", {"name": "A"})
+    deliver_chunk(_ids(), transport=transport)
+    [d] = deliveries()
+    assert d.state is DeliveryState.DEFERRED and d.attempts == 1 and d.last_code == 451
+    assert timedelta(seconds=50) < d.next_attempt_at - d.updated_at < timedelta(seconds=70)
+    # not due yet: the dispatcher leaves it alone, and a stray task cannot claim it
+    assert dispatcher.run_once(backlog=0).published == 0
+    assert deliver_chunk(_ids(), transport=transport).claimed == 0
+    later = clock.FakeClock(d.next_attempt_at + timedelta(seconds=1))
+    with clock.using(later):
+        assert dispatcher.run_once(backlog=1).published == 1
+        deliver_chunk(_ids(), transport=transport)
+    assert states() == {"a@example.com": "sent"}
+    assert [a.code for a in attempts_of("a@example.com")] == [451, 250]
+
+
+def test_dispatcher_republishes_queued_rows_whose_wakeup_was_lost(
+    any_db: str, configure_env
+) -> None:
+    configure_env(republish_after=30)
+    add_template()
+    enqueue.send_campaign(
+        "welcome", ({"email": f"r{i}@example.com", "name": "x"} for i in range(5))
+    )
+    # the broker still holds the tasks: nothing to do
+    assert dispatcher.run_once(backlog=5).published == 0
+    # the broker lost them (restart without persistence): once they are stale, publish again
+    assert dispatcher.run_once(backlog=0).published == 0  # not stale yet
+    with clock.using(clock.FakeClock(clock.now() + timedelta(seconds=31))):
+        assert dispatcher.run_once(backlog=0).published == 5
+        assert dispatcher.run_once(backlog=0).published == 0  # just published: not again
+
+
+def test_dispatcher_republishes_deliveries_whose_lease_expired(any_db: str, configure_env) -> None:
+    s = configure_env(lease_seconds=60)
+    add_template()
+    enqueue.send("welcome", "a@example.com", {"name": "A"})
+    from mailer import db, outcomes
+
+    with db.session_scope() as session:  # a worker claims, then dies before recording
+        assert outcomes.claim(session, _ids(), clock.now(), s.lease_seconds) is not None
+    assert dispatcher.run_once(backlog=0).published == 0
+    later = clock.FakeClock(clock.now() + timedelta(seconds=61))
+    with clock.using(later):
+        assert dispatcher.run_once(backlog=0).published == 1
+        transport = MemoryTransport()
+        deliver_chunk(_ids(), transport=transport)
+    assert states() == {"a@example.com": "sent"}
+
+
+def test_hard_bounce_suppresses_and_suppressed_addresses_are_not_queued(any_db: str) -> None:
+    add_template()
+    transport = MemoryTransport()
+    transport.script("gone@example.com", Phase.RCPT, SMTPReply.of(550, "5.1.1 No such user"))
+    enqueue.send("welcome", "gone@example.com", {"name": "G"})
+    deliver_chunk(_ids(), transport=transport)
+    assert states() == {"gone@example.com": "bounced"}
+    result = enqueue.send_campaign(
+        "welcome",
+        [{"email": "Gone@example.com", "name": "G"}, {"email": "new@example.com", "name": "N"}],
+    )
+    assert (result.queued, result.suppressed) == (1, 1)
+
+
+def test_campaign_rows_are_deduplicated_and_streamed(any_db: str) -> None:
+    add_template()
+    consumed = []
+
+    def rows():
+        for i in range(5000):
+            consumed.append(i)
+            yield {"email": f"user{i % 4000}@example.com", "name": "x"}
+
+    result = enqueue.send_campaign("welcome", rows(), name="big")
+    assert (result.queued, result.duplicates) == (4000, 1000)
+    assert count(Delivery) == 4000
+
+
+def test_invalid_row_refuses_the_whole_campaign_and_writes_nothing(any_db: str) -> None:
+    add_template()
+    rows = [{"email": "ok@example.com", "name": "a"}, {"email": "not-an-address", "name": "b"}]
+    with pytest.raises(InputError, match=r"recipient 2: invalid address 'not-an-address'"):
+        enqueue.send_campaign("welcome", rows)
+    assert count(Message) == 0 and count(Delivery) == 0
+
+
+def test_render_failure_fails_that_delivery_alone(any_db: str) -> None:
+    add_template(text="Hi {{ name }}, your code is {{ code }}\n")
+    rows = [{"email": f"r{i}@example.com", "name": "x", "code": "123"} for i in range(3)]
+    del rows[1]["code"]  # a poison row: the body needs `code`
+    enqueue.send_campaign("welcome", rows)
+    transport = MemoryTransport()
+    deliver_chunk(_ids(), transport=transport)
+    assert states() == {
+        "r0@example.com": "sent",
+        "r1@example.com": "failed",
+        "r2@example.com": "sent",
+    }
+    [poisoned] = deliveries(recipient="r1@example.com")
+    assert "'code' is undefined" in (poisoned.last_reply or "")
