@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import socket
+import subprocess
+import sys
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -51,7 +54,7 @@ def postgres_url() -> str | None:
             conn.execute(text(f"DROP SCHEMA IF EXISTS {PG_SCHEMA} CASCADE"))
             conn.execute(text(f"CREATE SCHEMA {PG_SCHEMA}"))
         admin.dispose()
-    except Exception as exc:  # noqa: BLE001 - any failure means "not reachable"
+    except Exception as exc:
         _missing("PostgreSQL", exc)
         return None
     sep = "&" if "?" in PG_URL else "?"
@@ -150,3 +153,57 @@ def smtp_server() -> Iterator[Any]:
 
     with ScriptedSMTPServer() as server:
         yield server
+
+
+@pytest.fixture
+def clean_broker(broker_url: str) -> str:
+    """The session's broker, emptied for this test."""
+    redis.Redis.from_url(broker_url).flushdb()
+    return broker_url
+
+
+@pytest.fixture
+def worker_process() -> Iterator[Callable[..., subprocess.Popen[bytes]]]:
+    """Start `mailer worker` subprocesses with the test's environment; stopped at teardown."""
+    started: list[subprocess.Popen[bytes]] = []
+
+    def start(*args: str) -> subprocess.Popen[bytes]:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "mailer", "worker", *args],
+            env=dict(os.environ),
+            stdout=subprocess.DEVNULL if not os.environ.get("MAILER_TEST_WORKER_LOGS") else None,
+            stderr=subprocess.DEVNULL if not os.environ.get("MAILER_TEST_WORKER_LOGS") else None,
+            start_new_session=True,
+        )
+        started.append(proc)
+        return proc
+
+    yield start
+    for proc in started:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+    for proc in started:
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+@pytest.fixture
+def running_dispatcher() -> Iterator[Callable[[], None]]:
+    """Start the dispatcher loop in a thread (as `mailer dispatcher` runs it)."""
+    stop = threading.Event()
+    threads: list[threading.Thread] = []
+
+    def start() -> None:
+        from mailer import dispatcher
+
+        thread = threading.Thread(target=dispatcher.run, kwargs={"stop": stop}, daemon=True)
+        thread.start()
+        threads.append(thread)
+
+    yield start
+    stop.set()
+    for thread in threads:
+        thread.join(timeout=10)

@@ -30,7 +30,7 @@ def test_send_delivers_and_records_every_attempt(any_db: str) -> None:
     assert transport.transactions[0].recipients == ("a@example.com", "b@example.com")
     assert states() == {"a@example.com": "sent", "b@example.com": "sent"}
     data = transport.sent[0][1].decode()
-    assert "Subject: Hello Ann" in data and f"Message-ID: <" in data
+    assert "Subject: Hello Ann" in data and "Message-ID: <" in data
     assert [a.code for a in attempts_of("a@example.com")] == [250]
     assert deliveries()[0].message_id == message_id
 

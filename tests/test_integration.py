@@ -1,0 +1,87 @@
+"""The whole path with real parts: Redis, PostgreSQL, a `celery worker` process, an SMTP server."""
+
+from __future__ import annotations
+
+import pytest
+import redis
+
+from mailer import db, enqueue
+from mailer.models import Attempt
+from tests.helpers import add_template, count, deliveries, wait_until
+
+pytestmark = pytest.mark.integration
+
+
+def _all_final() -> bool:
+    return all(d.state.final for d in deliveries())
+
+
+def test_campaign_of_500_through_real_worker(
+    pg_db, clean_broker, smtp_server, configure_env, worker_process, running_dispatcher
+) -> None:
+    busy = {f"busy{i}@example.com" for i in range(40)}
+    unknown = {f"nobody{i}@example.com" for i in range(20)}
+    normal = {f"user{i}@example.com" for i in range(440)}
+    for address in busy:
+        smtp_server.reply("RCPT", "451 4.3.0 Mailbox busy, try again", recipient=address, times=1)
+    for address in unknown:
+        smtp_server.reply("RCPT", "550 5.1.1 No such user", recipient=address)
+    configure_env(
+        broker_url=clean_broker,
+        smtp_url=smtp_server.url(tls="none"),
+        retry_first_delay=1,
+        dispatch_interval=0.5,
+        log_level="WARNING",
+    )
+    add_template()
+    rows = [{"email": a, "name": a.split("@")[0]} for a in sorted(busy | unknown | normal)]
+    result = enqueue.send_campaign("welcome", rows)
+    assert result.queued == 500
+    worker_process("--concurrency", "2")
+    running_dispatcher()
+    assert wait_until(_all_final, timeout=120), f"not finished: {_summary()}"
+
+    final = {d.recipient: d for d in deliveries()}
+    assert {a for a, d in final.items() if d.state.value == "sent"} == busy | normal
+    assert {a for a, d in final.items() if d.state.value == "bounced"} == unknown
+    assert all(final[a].attempts == 2 for a in busy)
+    copies = smtp_server.copies()
+    assert all(copies[a] == 1 for a in busy | normal), "a sent recipient was stored twice or never"
+    assert all(copies[a] == 0 for a in unknown)
+    assert count(Attempt) == 500 + len(busy)
+    with db.session_scope() as session:
+        for attempt in session.query(Attempt):
+            assert attempt.code in (250, 451, 550) and attempt.reply
+    bounced = final[sorted(unknown)[0]]
+    assert (bounced.last_code, bounced.last_enhanced) == (550, "5.1.1")
+    assert "No such user" in (bounced.last_reply or "")
+
+
+def test_tasks_lost_by_the_broker_are_sent_after_the_dispatcher_runs(
+    pg_db, clean_broker, smtp_server, configure_env, worker_process, running_dispatcher
+) -> None:
+    configure_env(
+        broker_url=clean_broker,
+        smtp_url=smtp_server.url(tls="none"),
+        republish_after=1,
+        dispatch_interval=0.5,
+        log_level="WARNING",
+    )
+    add_template()
+    enqueue.send_campaign(
+        "welcome", [{"email": f"r{i}@example.com", "name": "x"} for i in range(50)]
+    )
+    redis.Redis.from_url(clean_broker).flushdb()  # the broker loses every queued task
+    worker_process("--concurrency", "1")
+    assert not wait_until(_all_final, timeout=3), "sent without the dispatcher?"
+    running_dispatcher()
+    assert wait_until(_all_final, timeout=60), _summary()
+    assert {d.state.value for d in deliveries()} == {"sent"}
+    assert set(smtp_server.copies().values()) == {1}
+
+
+def _summary() -> dict[str, int]:
+    out: dict[str, int] = {}
+    for d in deliveries():
+        out[d.state.value] = out.get(d.state.value, 0) + 1
+    return out
