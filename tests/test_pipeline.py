@@ -7,6 +7,7 @@ from datetime import timedelta
 
 import pytest
 
+import mailer
 from mailer import clock, dispatcher, enqueue
 from mailer.delivery import deliver_chunk
 from mailer.errors import InputError
@@ -23,7 +24,9 @@ def _ids() -> list[int]:
 def test_send_delivers_and_records_every_attempt(any_db: str) -> None:
     add_template()
     transport = MemoryTransport()
-    message_id = enqueue.send("welcome", ["a@example.com", "b@example.com"], {"name": "Ann"})
+    message_id = mailer.send(
+        template="welcome", to=["a@example.com", "b@example.com"], context={"name": "Ann"}
+    )
     report = deliver_chunk(_ids(), transport=transport)
     assert report.attempted == 2
     assert len(transport.transactions) == 1  # one message, two recipients, one transaction
