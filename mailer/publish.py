@@ -36,7 +36,9 @@ def publish(ids: Iterable[int], priority: Priority, chunk_size: int) -> int:
     logged, not raised: the rows are committed and the dispatcher publishes them later."""
     sent = 0
     try:
-        with app.producer_or_acquire() as producer:
+        # a connection from the settings in force now (not a pool made under older settings)
+        with app.connection_for_write() as connection:
+            producer = app.amqp.Producer(connection)
             for chunk in chunks(ids, chunk_size):
                 app.send_task(
                     TASK,
