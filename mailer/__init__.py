@@ -1,4 +1,4 @@
-"""mailer: queued bulk-mail delivery. The producer API: `mailer.send()`, `mailer.send_campaign()`."""
+"""mailer: queued bulk-mail delivery. Producer API: `mailer.send()`, `mailer.send_campaign()`."""
 
 from __future__ import annotations
 

@@ -4,8 +4,9 @@ Defaults follow RFC 5321 4.5.4.1 and what MTAs do: the RFC asks for a retry inte
 least 30 minutes and a give-up time of at least 4-5 days; Postfix starts at 300 s
 (minimal_backoff_time), doubles up to 4000 s (maximal_backoff_time) and gives up after 5 days.
 A first retry after 5 minutes clears most greylisting (which commonly wants 1-5 minutes),
-doubling reaches the 30-minute interval after three tries, the 1-hour cap keeps a long outage
-from pushing the next try out by days, and 4 days is the RFC's lower bound for giving up.
+doubling passes the 30-minute interval from the fourth failure on (300, 600, 1200, 2400 s), the
+1-hour cap keeps a long outage from pushing the next try out by days, and 4 days is the RFC's
+lower bound for giving up.
 """
 
 from __future__ import annotations
@@ -29,10 +30,21 @@ class RetryPolicy:
 
 
 def delay(policy: RetryPolicy, failures: int, rand: Callable[[], float] = random.random) -> float:
-    """Seconds to wait after the `failures`-th failed attempt (1 for the first)."""
+    """Seconds to wait after the `failures`-th failed attempt (1 for the first).
+
+    The jitter applies to the capped delay too: deliveries that all reached the cap after a
+    long outage are still spread out instead of waking together.
+    """
+    return _steady_delay(policy, failures) * (1.0 - policy.jitter + 2.0 * policy.jitter * rand())
+
+
+def _steady_delay(policy: RetryPolicy, failures: int) -> float:
     exponent = max(failures - 1, 0)
-    base = min(policy.max_delay, policy.first_delay * policy.factor**exponent)
-    return base * (1.0 - policy.jitter + 2.0 * policy.jitter * rand())
+    try:
+        grown = policy.first_delay * policy.factor**exponent
+    except OverflowError:  # float ** int raises instead of returning inf
+        return policy.max_delay
+    return min(policy.max_delay, grown)
 
 
 def next_attempt(
@@ -60,8 +72,8 @@ def next_attempt(
 
 
 _HINT = re.compile(
-    r"(?:try\s+again|retry|wait)\D{0,24}?(\d{1,6})\s*"
-    r"(s|sec|secs|seconds?|m|mins?|minutes?|h|hours?)\b",
+    r"\b(?:try\s+again|retry|wait)\D{0,24}?(\d{1,6})\s*"
+    r"(s|secs?|seconds?|m|mins?|minutes?|h|hrs?|hours?)\b",
     re.IGNORECASE,
 )
 _UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600}

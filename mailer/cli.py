@@ -7,7 +7,7 @@ import json
 import logging
 import sys
 import threading
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +19,36 @@ from mailer.errors import MailerError
 from mailer.models import DeliveryState
 
 STATES = [s.value for s in DeliveryState]
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+class _When(click.ParamType):
+    """ISO 8601 (UTC when no zone is given) or a duration such as 30m, 2h, 1d: that long from
+    now (`future=True`) or that long ago."""
+
+    name = "TIME"
+
+    def __init__(self, *, future: bool) -> None:
+        self.future = future
+
+    def convert(
+        self, value: Any, param: click.Parameter | None, ctx: click.Context | None
+    ) -> datetime:
+        if isinstance(value, datetime):
+            return value
+        text = str(value).strip().lstrip("+")
+        if text[:-1].isdigit() and text[-1:] in _UNITS:
+            delta = timedelta(seconds=int(text[:-1]) * _UNITS[text[-1]])
+            return clock.now() + delta if self.future else clock.now() - delta
+        try:
+            when = datetime.fromisoformat(text)
+        except ValueError:
+            self.fail(f"{value!r} is neither ISO 8601 nor a duration like 30m, 2h, 1d", param, ctx)
+        return when if when.tzinfo else when.replace(tzinfo=UTC)
+
+
+LATER = _When(future=True)
+AGO = _When(future=False)
 
 
 def _setup_logging() -> None:
@@ -139,6 +169,8 @@ def _read(path: Path) -> str:
 @click.option("--from", "from_addr", help="Sender (default MAILER_FROM).")
 @click.option("--idempotency-key", help="Sending twice with the same key sends once.")
 @click.option("--header", "headers", multiple=True, help="Extra header 'Name: value' (a template).")
+@click.option("--send-at", type=LATER, help="Not before this time (ISO 8601, or e.g. 2h from now).")
+@click.option("--expires-at", type=LATER, help="Not after this time: then it expires unsent.")
 def send_cmd(
     template: str,
     to: tuple[str, ...],
@@ -146,6 +178,8 @@ def send_cmd(
     from_addr: str | None,
     idempotency_key: str | None,
     headers: tuple[str, ...],
+    send_at: datetime | None,
+    expires_at: datetime | None,
 ) -> None:
     """Queue one transactional message; prints its id."""
     from mailer import enqueue
@@ -157,6 +191,8 @@ def send_cmd(
         from_addr=from_addr,
         idempotency_key=idempotency_key,
         headers=_headers(headers),
+        send_at=send_at,
+        expires_at=expires_at,
     )
     click.echo(message_id)
 
@@ -206,6 +242,8 @@ def campaign_group() -> None:
 @click.option(
     "--skip-invalid", is_flag=True, help="Skip invalid rows (listed) instead of refusing the file."
 )
+@click.option("--send-at", type=LATER, help="Not before this time (ISO 8601, or e.g. 2h from now).")
+@click.option("--expires-at", type=LATER, help="Not after this time: then it expires unsent.")
 def campaign_send(
     template: str,
     path: Path,
@@ -213,6 +251,8 @@ def campaign_send(
     from_addr: str | None,
     headers: tuple[str, ...],
     skip_invalid: bool,
+    send_at: datetime | None,
+    expires_at: datetime | None,
 ) -> None:
     """Queue a campaign from a recipient file; prints the campaign id."""
     from mailer import enqueue, recipients
@@ -228,6 +268,8 @@ def campaign_send(
         headers=_headers(headers),
         skip_invalid=skip_invalid,
         progress=progress.update,
+        send_at=send_at,
+        expires_at=expires_at,
     )
     progress.done()
     for line in result.rejected:
@@ -339,6 +381,170 @@ def report_cmd(campaign_id: int, states: tuple[str, ...], fmt: str) -> None:
                     f"{row['recipient'][:40]:40} {row['state']:10} {row['attempts']:>5} "
                     f"{row['code'] or '':>4} {row['enhanced'] or '':8} {row['reply'][:70]}"
                 )
+
+
+# --- operating -----------------------------------------------------------------------------------
+
+RETRY_DEFAULT = "failed,expired,unknown"
+
+
+def _selection(
+    campaign_id: int | None,
+    message_id: int | None,
+    states: str | None,
+    code: str | None,
+    since: datetime | None,
+) -> Any:
+    from mailer import queries
+
+    if campaign_id is None and message_id is None and states is None and since is None:
+        raise click.UsageError("say which deliveries: --campaign, --message, --state or --since")
+    chosen = None
+    if states:
+        try:
+            chosen = [DeliveryState(s.strip()) for s in states.split(",") if s.strip()]
+        except ValueError:
+            raise click.BadParameter(
+                f"states are: {', '.join(STATES)}", param_hint="--state"
+            ) from None
+    if code is not None:
+        try:
+            queries.code_range(code)
+        except ValueError as exc:
+            raise click.BadParameter(str(exc), param_hint="--code") from None
+    return queries.Selection(campaign_id, message_id, chosen, code, since)
+
+
+@cli.command("retry")
+@click.option("--campaign", "campaign_id", type=int, help="Only this campaign.")
+@click.option("--message", "message_id", type=int, help="Only this message.")
+@click.option(
+    "--state",
+    "states",
+    default=RETRY_DEFAULT,
+    show_default=True,
+    help="Comma-separated states to retry.",
+)
+@click.option("--code", help="Only deliveries whose last reply code matches: 4xx, 5xx or e.g. 550.")
+@click.option("--since", type=AGO, help="Only those that changed since (ISO 8601, or e.g. 2h ago).")
+@click.option(
+    "--include-suppressed",
+    is_flag=True,
+    help="Also addresses on the suppression list (and take them off it).",
+)
+@click.option("--dry-run", is_flag=True, help="Count, change nothing.")
+def retry_cmd(
+    campaign_id: int | None,
+    message_id: int | None,
+    states: str,
+    code: str | None,
+    since: datetime | None,
+    include_suppressed: bool,
+    dry_run: bool,
+) -> None:
+    """Queue matching deliveries again with a fresh attempt budget; the dispatcher sends them."""
+    from mailer import outcomes
+
+    selection = _selection(campaign_id, message_id, states, code, since)
+    with db.session_scope() as session:
+        if dry_run:
+            n = outcomes.retry_candidates(
+                session, selection.ids(), include_suppressed=include_suppressed
+            )
+            click.echo(f"{n} deliveries would be queued again (dry run: nothing changed)")
+            return
+        n = outcomes.requeue(
+            session, selection.ids(), clock.now(), include_suppressed=include_suppressed
+        )
+    click.echo(f"{n} deliveries queued again; the dispatcher publishes them on its next pass")
+
+
+@cli.command("cancel")
+@click.option("--campaign", "campaign_id", type=int, help="Cancel this campaign's unsent mail.")
+@click.option("--message", "message_id", type=int, help="Cancel this message's unsent deliveries.")
+def cancel_cmd(campaign_id: int | None, message_id: int | None) -> None:
+    """Cancel what has not been sent (queued, deferred, unknown); in-flight mail finishes."""
+    from mailer import outcomes
+
+    if campaign_id is None and message_id is None:
+        raise click.UsageError("say what to cancel: --campaign ID or --message ID")
+    selection = _selection(campaign_id, message_id, None, None, None)
+    with db.session_scope() as session:
+        n = outcomes.cancel(session, selection.ids(), clock.now())
+    click.echo(f"{n} deliveries cancelled")
+
+
+@cli.group("suppress")
+def suppress_group() -> None:
+    """The suppression list: addresses that are never mailed (hard bounces add themselves)."""
+
+
+@suppress_group.command("add")
+@click.argument("addresses", nargs=-1, required=True)
+@click.option("--reason", default="added by an operator", show_default=True)
+def suppress_add(addresses: tuple[str, ...], reason: str) -> None:
+    """Add ADDRESSES to the list."""
+    from mailer import suppressions
+
+    with db.session_scope() as session:
+        n = suppressions.add_checked(session, addresses, reason, clock.now())
+    click.echo(f"{n} added ({len(addresses) - n} were already listed)")
+
+
+@suppress_group.command("remove")
+@click.argument("addresses", nargs=-1, required=True)
+def suppress_remove(addresses: tuple[str, ...]) -> None:
+    """Take ADDRESSES off the list (their mail is not retried by itself: see `mailer retry`)."""
+    from mailer import suppressions
+
+    with db.session_scope() as session:
+        n = suppressions.remove(session, addresses)
+    click.echo(f"{n} removed")
+
+
+@suppress_group.command("list")
+def suppress_list() -> None:
+    """Print the list: address, when, why."""
+    from mailer import suppressions
+
+    with db.session_scope() as session:
+        for entry in suppressions.entries(session):
+            click.echo(f"{entry.address}\t{entry.created_at:%Y-%m-%d %H:%M}\t{entry.reason}")
+
+
+@suppress_group.command("export")
+def suppress_export() -> None:
+    """Write the list as CSV (address, reason, created_at) to stdout."""
+    from mailer import suppressions
+
+    writer = csv.writer(sys.stdout)
+    writer.writerow(["email", "reason", "created_at"])
+    with db.session_scope() as session:
+        for entry in suppressions.entries(session):
+            writer.writerow([entry.address, entry.reason, entry.created_at.isoformat()])
+
+
+@suppress_group.command("import")
+@click.argument("path", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option(
+    "--reason", default="imported", show_default=True, help="Reason for rows without one."
+)
+def suppress_import(path: Path, reason: str) -> None:
+    """Add the addresses of a CSV with an 'email' column (and optional 'reason'), as `export`
+    writes it. An invalid address refuses the whole file."""
+    from mailer import addresses, recipients, suppressions
+
+    entries = []
+    for line, row in recipients.read(path):
+        try:
+            entries.append(
+                (addresses.parse(str(row["email"])).key, row.get("reason") or reason, None)
+            )
+        except MailerError as exc:
+            raise click.ClickException(f"{path}, line {line}: {exc}") from None
+    with db.session_scope() as session:
+        n = suppressions.add(session, entries, clock.now())
+    click.echo(f"{n} added ({len(entries) - n} were already listed)")
 
 
 # --- running --------------------------------------------------------------------------------------

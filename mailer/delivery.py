@@ -18,7 +18,7 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from mailer import clock, compose, db, outcomes, templates
+from mailer import clock, compose, db, outcomes, suppressions, templates
 from mailer.config import Settings
 from mailer.config import settings as current_settings
 from mailer.errors import InputError
@@ -28,7 +28,6 @@ from mailer.models import (
     DeliveryState,
     Message,
     Relay,
-    Suppression,
     Template,
 )
 from mailer.outcomes import Claimed, Verdict
@@ -113,16 +112,7 @@ def _load(
         .order_by(Delivery.id)
     ).all()
     keys = [d.recipient.lower() for d, *_ in rows]
-    suppressed: dict[str, str] = (
-        {
-            address: reason
-            for address, reason in session.execute(
-                select(Suppression.address, Suppression.reason).where(Suppression.address.in_(keys))
-            )
-        }
-        if keys
-        else {}
-    )
+    suppressed = suppressions.suppressed(session, keys)
     state = outcomes.relay_state(session, relay)
     closed: dict[int, tuple[DeliveryState, str]] = {}
     paused: list[int] = []

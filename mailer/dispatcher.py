@@ -1,7 +1,7 @@
 """Re-publishes what is due: deferred retries, queued rows the broker lost, expired leases.
 
 The broker is only a wake-up; this pass makes the database's view come true. It also expires
-deliveries past their message's expires_at or the retry policy's maximum age. Running two
+deliveries past their message's expires_at. Running two
 dispatchers is safe (the claim is compare-and-set); on PostgreSQL an advisory lock keeps one
 active so that the other does not publish the same wake-ups twice.
 """
@@ -41,7 +41,7 @@ def run_once(settings: Settings | None = None, *, backlog: int | None = -1) -> P
     now = clock.now()
     report = PassReport()
     with db.session_scope() as session:
-        report.expired = _expire(session, s, now)
+        report.expired = _expire(session, now)
         blocked = _relay_blocked(session, s.smtp.name, now)
         if blocked:
             report.relay_blocked = blocked
@@ -101,21 +101,19 @@ def _due(
     return list(session.scalars(query))
 
 
-def _expire(session: Session, s: Settings, now: datetime) -> int:
-    """Close what can no longer go out: past the message's expires_at, or deferred longer
-    than the retry policy's maximum age."""
-    oldest = now - timedelta(seconds=s.retry.max_age)
+def _expire(session: Session, now: datetime) -> int:
+    """Close what can no longer go out: past its message's expires_at. (Age against the retry
+    policy is judged when a try fails, so that the last try happens at the maximum age.)"""
     message_expired = select(Message.id).where(Message.expires_at <= now)
     result: Any = session.execute(
         update(Delivery)
         .where(
-            Delivery.state.in_([S.QUEUED, S.DEFERRED]),
-            or_(
-                Delivery.message_id.in_(message_expired),
-                and_(Delivery.state == S.DEFERRED, Delivery.created_at <= oldest),
-            ),
+            Delivery.state.in_([S.QUEUED, S.DEFERRED, S.UNKNOWN]),
+            Delivery.message_id.in_(message_expired),
         )
-        .values(state=S.EXPIRED, last_reply="expired before it could be delivered", updated_at=now)
+        .values(
+            state=S.EXPIRED, last_reply="the message expired before it was sent", updated_at=now
+        )
     )
     return max(result.rowcount, 0)
 

@@ -18,7 +18,7 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from mailer import addresses, clock, compose, db, publish, templates
+from mailer import addresses, clock, compose, db, publish, suppressions, templates
 from mailer.config import settings
 from mailer.errors import InputError
 from mailer.models import (
@@ -27,7 +27,6 @@ from mailer.models import (
     DeliveryState,
     Message,
     Priority,
-    Suppression,
     Template,
 )
 
@@ -300,9 +299,7 @@ def _delivery_row(
 
 
 def _suppressed(session: Session, keys: list[str]) -> set[str]:
-    if not keys:
-        return set()
-    return set(session.scalars(select(Suppression.address).where(Suppression.address.in_(keys))))
+    return set(suppressions.suppressed(session, keys))
 
 
 def _by_key(session: Session, key: str) -> int | None:

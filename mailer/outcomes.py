@@ -14,10 +14,10 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import and_, bindparam, insert, or_, update
+from sqlalchemy import Select, and_, bindparam, delete, func, insert, or_, select, update
 from sqlalchemy.orm import Session
 
-from mailer import backoff, db
+from mailer import backoff, db, suppressions
 from mailer.config import Settings
 from mailer.models import Attempt, Delivery, DeliveryState, Relay, Suppression
 from mailer.replies import Phase, ReplyClass, SMTPReply
@@ -95,7 +95,7 @@ def record(
     changed = _update_fenced(session, rows)
     bounced = [v for v in verdicts if v.klass is ReplyClass.HARD_BOUNCE]
     if bounced:
-        suppress(
+        suppressions.add(
             session, ((v.recipient, f"hard bounce: {v.reply}", v.delivery_id) for v in bounced), now
         )
     _relay_health(session, verdicts, settings, now)
@@ -265,19 +265,68 @@ def finish_unsent(
         )
 
 
-def suppress(
-    session: Session, entries: Iterable[tuple[str, str, int | None]], now: datetime
+def requeue(
+    session: Session, ids: Select[tuple[int]], now: datetime, *, include_suppressed: bool
 ) -> int:
-    rows = [
-        {"address": a.lower(), "reason": r, "source_delivery_id": d, "created_at": now}
-        for a, r, d in entries
-    ]
-    if not rows:
-        return 0
-    stmt = db.dialect_insert(session)(Suppression).on_conflict_do_nothing(
-        index_elements=["address"]
+    """Operator retry: the selected deliveries that are not in flight go back to queued with a
+    fresh attempt budget (their attempt rows stay as history); the dispatcher publishes them on
+    its next pass. Suppressed addresses are left alone unless `include_suppressed`, which also
+    takes them off the suppression list."""
+    chosen = list(session.scalars(_retryable(ids, include_suppressed)))
+    if include_suppressed and chosen:
+        recipients = select(func.lower(Delivery.recipient)).where(Delivery.id.in_(chosen))
+        session.execute(delete(Suppression).where(Suppression.address.in_(recipients)))
+    for part in _slices(chosen):
+        session.execute(
+            update(Delivery)
+            .where(Delivery.id.in_(part), Delivery.state.in_(_RETRYABLE))
+            .values(
+                state=S.QUEUED,
+                attempts=0,
+                next_attempt_at=now,
+                published_at=None,
+                lease_until=None,
+                updated_at=now,
+            )
+        )
+    return len(chosen)
+
+
+def retry_candidates(session: Session, ids: Select[tuple[int]], *, include_suppressed: bool) -> int:
+    """How many deliveries `requeue` would take (for --dry-run)."""
+    selected = _retryable(ids, include_suppressed).subquery()
+    return session.scalar(select(func.count()).select_from(selected)) or 0
+
+
+def _retryable(ids: Select[tuple[int]], include_suppressed: bool) -> Select[tuple[int]]:
+    selected = ids.where(Delivery.state.in_(_RETRYABLE))
+    if include_suppressed:
+        return selected
+    listed = select(Suppression.address)
+    return selected.where(
+        Delivery.state != S.SUPPRESSED, func.lower(Delivery.recipient).not_in(listed)
     )
-    return max(session.connection().execute(stmt, rows).rowcount, 0)
+
+
+def cancel(session: Session, ids: Select[tuple[int]], now: datetime) -> int:
+    """Cancel what has not gone out: queued, deferred, or held as unknown. In-flight
+    deliveries (sending) finish as they will."""
+    result: Any = session.execute(
+        update(Delivery)
+        .where(Delivery.id.in_(ids), Delivery.state.in_(_CANCELLABLE))
+        .values(state=S.CANCELLED, last_reply="cancelled by an operator", updated_at=now)
+        .execution_options(synchronize_session=False)
+    )
+    return max(result.rowcount, 0)
+
+
+_RETRYABLE = (S.FAILED, S.EXPIRED, S.UNKNOWN, S.BOUNCED, S.CANCELLED, S.SUPPRESSED, S.DEFERRED)
+_CANCELLABLE = (S.QUEUED, S.DEFERRED, S.UNKNOWN)
+
+
+def _slices(ids: list[int], size: int = 5000) -> Iterable[list[int]]:
+    for start in range(0, len(ids), size):
+        yield ids[start : start + size]
 
 
 def pause_relay(session: Session, name: str, reason: str, now: datetime) -> None:

@@ -81,7 +81,7 @@ class ReplyClass(StrEnum):
         return self in (ReplyClass.THROTTLED, ReplyClass.CONNECTION, ReplyClass.CONFIGURATION)
 
 
-_ENHANCED = re.compile(r"^([245])\.(\d{1,3})\.(\d{1,3})(?=\s|$)")
+_ENHANCED = re.compile(r"([245])\.(\d{1,3})\.(\d{1,3})(?![\w.])")
 
 
 @dataclass(frozen=True)
@@ -94,8 +94,13 @@ class SMTPReply:
 
     @classmethod
     def of(cls, code: int, message: bytes | str) -> SMTPReply:
+        """A reply as smtplib returns it: the text of each line, joined by newlines.
+
+        The enhanced status code is read from the start of the text. Lines that still carry
+        the reply code, as read off the wire ("550-5.7.1 ..."), lose it as smtplib would drop it.
+        """
         text = message.decode("utf-8", "replace") if isinstance(message, bytes) else message
-        text = text.strip()
+        text = _without_reply_code(int(code), text.strip())
         match = _ENHANCED.match(text)
         return cls(code=code, text=text, enhanced=match.group(0) if match else None)
 
@@ -107,94 +112,39 @@ class SMTPReply:
         return f"{self.code} {self.text}" if self.code is not None else f"(no reply: {self.text})"
 
 
-_GREYLIST = re.compile(r"grey-?list|gray-?list", re.IGNORECASE)
+def _without_reply_code(code: int, text: str) -> str:
+    lines = text.splitlines()
+    if not any(_carries_code(line, code) for line in lines):
+        return text
+    return "\n".join(line[4:].strip() if _carries_code(line, code) else line for line in lines)
+
+
+def _carries_code(line: str, code: int) -> bool:
+    return line[:3] == str(code) and line[3:4] in ("", " ", "-")
+
+
+# The subject and detail of an enhanced status code (RFC 3463 section 3) that classify() uses
+_MAILBOX_FULL = (2, 2)
+_TOO_MANY_RECIPIENTS = (5, 3)
+_POLICY = 7  # X.7.x: security or policy status
+_SAYS_NOTHING_MORE = 5  # X.5.x: protocol status, which the basic code already states
+_UNDEFINED = (0, 0)
+# The recipient's address does not exist or cannot be delivered to: X.1.1 bad mailbox,
+# X.1.2 bad domain, X.1.3 bad syntax, X.1.4 ambiguous, X.1.6 moved, X.1.10 null MX (RFC 7505).
+# Not X.1.0 (unspecific, and used for sender refusals), X.1.7 / X.1.8 / X.1.11 (our sender),
+# nor X.2.1 "mailbox disabled", which Gmail also sends for a recipient receiving mail too fast.
+_BAD_RECIPIENT = frozenset({(1, 1), (1, 2), (1, 3), (1, 4), (1, 6), (1, 10)})
+
+_GREYLIST = re.compile(r"gr[ae]y[- ]?list", re.IGNORECASE)
 _TOO_MANY_RCPT = re.compile(r"too many recipients", re.IGNORECASE)
 _RELAY_DENIED = re.compile(
-    r"relay(ing)? (access )?(denied|not permitted)|not allowed to relay", re.I
+    r"relay(ing)? (access )?(denied|not permitted|not allowed|prohibited)"
+    r"|(not allowed|unable) to relay|allowed rcpthosts",
+    re.IGNORECASE,
 )
-_BLOCKED = re.compile(
-    r"spam|block|blacklist|denylist|reputation|policy|dmarc|spf|dkim|rbl|banned", re.IGNORECASE
-)
+# With Postfix's default smtpd_delay_reject, a refused sender is reported in reply to RCPT
+_ABOUT_SENDER = re.compile(r"sender address rejected", re.IGNORECASE)
 _BEFORE_TRANSACTION = (Phase.CONNECT, Phase.GREETING, Phase.EHLO, Phase.TLS, Phase.AUTH)
-
-
-def classify(reply: SMTPReply, phase: Phase) -> ReplyClass:
-    """What a reply means for the recipients it concerns (see the table in the README)."""
-    code = reply.code
-    if code is None:
-        return _without_reply(phase)
-    detail = _agreeing_enhanced(reply)
-    if code < 400:
-        return ReplyClass.DELIVERED
-    if phase in _BEFORE_TRANSACTION:
-        return _before_transaction(code, reply.text, phase)
-    if code < 500:
-        return _transient(code, detail, reply.text)
-    return _permanent(code, detail, reply.text, phase)
-
-
-def _without_reply(phase: Phase) -> ReplyClass:
-    if phase is Phase.DOT:
-        return ReplyClass.AMBIGUOUS  # the whole message went out; it may have been stored
-    if phase in (Phase.TLS, Phase.AUTH):
-        # a certificate that does not verify, STARTTLS or AUTH not offered: only a person
-        # can fix these, and trying again would only repeat them
-        return ReplyClass.CONFIGURATION
-    if phase is Phase.LOCAL:
-        return ReplyClass.MESSAGE_FAILURE
-    return ReplyClass.CONNECTION
-
-
-def _agreeing_enhanced(reply: SMTPReply) -> tuple[int, int] | None:
-    if reply.enhanced is None or reply.code is None:
-        return None
-    klass, subject, detail = (int(part) for part in reply.enhanced.split("."))
-    return (subject, detail) if klass == reply.code // 100 else None
-
-
-def _before_transaction(code: int, text: str, phase: Phase) -> ReplyClass:
-    # Refused before any MAIL FROM: nothing is wrong with the recipients. A temporary refusal
-    # (421 at the greeting, 454 at AUTH) is a relay to retry later; a permanent one (530, 535,
-    # 554 at the greeting, 5xx to EHLO) needs a person to fix the configuration.
-    if code == ReplyCode.SERVICE_UNAVAILABLE or code < 500:
-        return ReplyClass.THROTTLED if _is_rate_limit(code, text) else ReplyClass.CONNECTION
-    return ReplyClass.CONFIGURATION
-
-
-def _is_rate_limit(code: int, text: str) -> bool:
-    match = _ENHANCED.match(text)
-    return bool(match and match.group(1) == "4" and match.group(2) == "7")
-
-
-def _transient(code: int, detail: tuple[int, int] | None, text: str) -> ReplyClass:
-    if code == ReplyCode.SERVICE_UNAVAILABLE:
-        # 421: the server closes the session; it is about the relay, never one recipient
-        return ReplyClass.THROTTLED if detail and detail[0] == 7 else ReplyClass.CONNECTION
-    if detail == (5, 3) or (code == ReplyCode.INSUFFICIENT_STORAGE and _TOO_MANY_RCPT.search(text)):
-        return ReplyClass.TOO_MANY_RECIPIENTS
-    if detail and detail[0] == 7 and not _GREYLIST.search(text):
-        # 4.7.x: rate limits and temporary policy blocks aimed at the sending host
-        return ReplyClass.THROTTLED
-    return ReplyClass.TRANSIENT
-
-
-def _permanent(code: int, detail: tuple[int, int] | None, text: str, phase: Phase) -> ReplyClass:
-    if code in _AUTH_CODES or _RELAY_DENIED.search(text):
-        return ReplyClass.CONFIGURATION
-    if code in _PROTOCOL_CODES:
-        return ReplyClass.PROTOCOL
-    refined = _permanent_by_detail(detail) if detail is not None else None
-    if refined is not None:
-        return refined
-    if phase is Phase.RCPT:
-        if code == ReplyCode.EXCEEDED_STORAGE:
-            # a bare 552 to RCPT is "mailbox full" (RFC 5321 4.5.3.1.10 aside): retry by policy
-            too_many = _TOO_MANY_RCPT.search(text)
-            return ReplyClass.TOO_MANY_RECIPIENTS if too_many else ReplyClass.TRANSIENT
-        if code in _MAILBOX_CODES and not _BLOCKED.search(text):
-            return ReplyClass.HARD_BOUNCE
-    return ReplyClass.MESSAGE_FAILURE
-
 
 _AUTH_CODES = (
     ReplyCode.AUTH_REQUIRED,
@@ -210,25 +160,118 @@ _PROTOCOL_CODES = (
     ReplyCode.PARAMETER_NOT_IMPLEMENTED,
     ReplyCode.MAIL_RCPT_PARAMS,
 )
-_MAILBOX_CODES = (
-    ReplyCode.MAILBOX_UNAVAILABLE,
-    ReplyCode.USER_NOT_LOCAL,
-    ReplyCode.MAILBOX_NAME_INVALID,
-)
 
 
-def _permanent_by_detail(detail: tuple[int, int]) -> ReplyClass | None:
-    subject, number = detail
-    if detail == (2, 2):
-        return ReplyClass.TRANSIENT  # mailbox full: by policy a retry, the owner may clear it
-    if detail == (5, 3):
+def classify(reply: SMTPReply, phase: Phase) -> ReplyClass:
+    """What a reply means for the recipients it concerns (the table in DESIGN.md)."""
+    code = reply.code
+    if code is None:
+        return _without_reply(phase)
+    if 200 <= code < 300:
+        return ReplyClass.DELIVERED
+    if not 400 <= code < 600:
+        return _unexpected(phase)
+    detail = _agreeing_detail(reply)
+    if phase in _BEFORE_TRANSACTION:
+        return _before_transaction(code, detail)
+    if _RELAY_DENIED.search(reply.text):
+        # the relay will not take mail for other domains from us: credentials or relay setup
+        return ReplyClass.CONFIGURATION
+    if code < 500:
+        return _transient(code, detail, reply.text, phase)
+    return _permanent(code, detail, reply.text, phase)
+
+
+def _without_reply(phase: Phase) -> ReplyClass:
+    if phase is Phase.DOT:
+        return ReplyClass.AMBIGUOUS  # the whole message went out; it may have been stored
+    if phase in (Phase.TLS, Phase.AUTH):
+        # a certificate that does not verify, STARTTLS or AUTH not offered: only a person
+        # can fix these, and trying again would only repeat them
+        return ReplyClass.CONFIGURATION
+    if phase is Phase.LOCAL:
+        return ReplyClass.MESSAGE_FAILURE
+    return ReplyClass.CONNECTION
+
+
+def _unexpected(phase: Phase) -> ReplyClass:
+    # a 1xx/3xx where a verdict was due, or a line smtplib could not read a code from (-1)
+    if phase is Phase.DOT:
+        return ReplyClass.AMBIGUOUS  # the server may have stored the message all the same
+    if phase in _BEFORE_TRANSACTION:
+        return ReplyClass.CONFIGURATION  # not an SMTP server: wrong host, port or TLS mode
+    return ReplyClass.PROTOCOL
+
+
+def _agreeing_detail(reply: SMTPReply) -> tuple[int, int] | None:
+    """(subject, detail) of the enhanced code, when its class agrees with the basic code."""
+    match = _ENHANCED.fullmatch(reply.enhanced or "")
+    if match is None or reply.code is None or int(match.group(1)) != reply.code // 100:
+        return None
+    return int(match.group(2)), int(match.group(3))
+
+
+def _is_policy(detail: tuple[int, int] | None) -> bool:
+    return detail is not None and detail[0] == _POLICY
+
+
+def _before_transaction(code: int, detail: tuple[int, int] | None) -> ReplyClass:
+    # Refused before any MAIL FROM: nothing is wrong with the recipients. A temporary refusal
+    # (421 at the greeting, 454 at STARTTLS) is a relay to retry later; a permanent one (530,
+    # 535, 554 at the greeting, 5xx to EHLO, even a 50x) needs a person to fix the
+    # configuration, and failing the recipients instead would burn them for the relay's sake.
+    if code >= 500:
+        return ReplyClass.CONFIGURATION
+    return ReplyClass.THROTTLED if _is_policy(detail) else ReplyClass.CONNECTION
+
+
+def _transient(code: int, detail: tuple[int, int] | None, text: str, phase: Phase) -> ReplyClass:
+    if code == ReplyCode.SERVICE_UNAVAILABLE:
+        # 421: the server closes the session; it is about the relay, never one recipient
+        return ReplyClass.THROTTLED if _is_policy(detail) else ReplyClass.CONNECTION
+    if _too_many_recipients(code, detail, text, phase):
         return ReplyClass.TOO_MANY_RECIPIENTS
-    if (subject == 1 and number not in (7, 8)) or detail == (2, 1):
-        # 5.1.x: the address does not exist (5.1.7 and 5.1.8 are about our own sender);
-        # 5.2.1: the mailbox is disabled
+    if _is_policy(detail) and not _GREYLIST.search(text):
+        # 4.7.x: rate limits and temporary blocks aimed at the sending host. Greylisting
+        # (also 4.7.1) is about one sender/recipient pair and clears with an ordinary retry.
+        return ReplyClass.THROTTLED
+    return ReplyClass.TRANSIENT
+
+
+def _permanent(code: int, detail: tuple[int, int] | None, text: str, phase: Phase) -> ReplyClass:
+    if code in _AUTH_CODES:
+        return ReplyClass.CONFIGURATION
+    if code in _PROTOCOL_CODES:
+        return ReplyClass.PROTOCOL
+    if _too_many_recipients(code, detail, text, phase):
+        return ReplyClass.TOO_MANY_RECIPIENTS
+    if detail is None or detail == _UNDEFINED or detail[0] == _SAYS_NOTHING_MORE:
+        return _permanent_by_code(code, phase)
+    if detail == _MAILBOX_FULL:
+        return ReplyClass.TRANSIENT  # by policy a retry: the owner may clear the mailbox
+    if phase is Phase.RCPT and detail in _BAD_RECIPIENT and not _ABOUT_SENDER.search(text):
         return ReplyClass.HARD_BOUNCE
-    if subject == 5 or detail == (0, 0):
-        return None  # "5.5.x" and "5.0.0" say nothing beyond the basic code
-    # 5.2.3 / 5.3.4 too big, 5.7.x policy (DMARC 5.7.26, spam 5.7.1), 5.1.7/5.1.8 sender:
-    # this message fails; the recipient's address is fine and is not suppressed
+    # 5.2.3 / 5.3.4 too big, 5.7.x policy (spam 5.7.1, DMARC 5.7.26), a refused sender, or
+    # an address status after MAIL or ".", which concerns the sender or every recipient alike:
+    # this message fails; no address is suppressed
     return ReplyClass.MESSAGE_FAILURE
+
+
+def _permanent_by_code(code: int, phase: Phase) -> ReplyClass:
+    if phase is Phase.RCPT and code == ReplyCode.EXCEEDED_STORAGE:
+        return ReplyClass.TRANSIENT  # a bare 552 to RCPT is "mailbox full": retry by policy
+    # A bare 550 is "mailbox unavailable" for any reason, policy and spam included (RFC 5321
+    # 4.2.3): without a 5.1.x to say the address is bad, nothing is suppressed.
+    return ReplyClass.MESSAGE_FAILURE
+
+
+def _too_many_recipients(
+    code: int, detail: tuple[int, int] | None, text: str, phase: Phase
+) -> bool:
+    # only an answer to RCPT can mean "the rest in a new transaction"
+    if phase is not Phase.RCPT:
+        return False
+    by_text = code in (ReplyCode.INSUFFICIENT_STORAGE, ReplyCode.EXCEEDED_STORAGE) and bool(
+        _TOO_MANY_RCPT.search(text)
+    )
+    return detail == _TOO_MANY_RECIPIENTS or by_text

@@ -24,11 +24,14 @@ from aiosmtpd.smtp import (
     Session,
 )
 
-__all__ = ["Command", "Phase", "ScriptedSMTPServer", "StoredMessage", "TLSMode"]
+__all__ = ["Command", "Phase", "PipeliningFault", "ScriptedSMTPServer", "StoredMessage", "TLSMode"]
 
 Command = Literal["EHLO", "MAIL", "RCPT", "DATA", "DOT", "NOOP", "RSET", "VRFY", "QUIT"]
 Phase = Literal["greeting", "ehlo", "mail", "rcpt", "data", "body", "after_dot"]
 TLSMode = Literal["none", "starttls", "implicit"]
+# How a server that advertises PIPELINING can still mishandle a pipelined batch of commands:
+# "close" drops the connection, "first_only" answers the first command and discards the rest.
+PipeliningFault = Literal["close", "first_only"]
 
 # A hook's answer: a reply line, or aiosmtpd's MISSING for "do the normal thing".
 _HookResult = object
@@ -100,9 +103,19 @@ async def _drop(server: SMTP) -> NoReturn:
     raise asyncio.CancelledError
 
 
+async def _close_after(server: SMTP, response: str) -> NoReturn:
+    """Send `response`, then close the connection, as servers do after a 421."""
+    await server.push(response)
+    assert server.transport is not None
+    server.transport.close()
+    raise asyncio.CancelledError  # as in _drop: end the session without another reply
+
+
 async def _answer(server: SMTP, rule: _Rule) -> str:
     if rule.response is None:
         await _drop(server)
+    if rule.response.startswith("421"):
+        await _close_after(server, rule.response)
     return rule.response
 
 
@@ -271,12 +284,21 @@ class _Session(SMTP):
     """One SMTP connection: aiosmtpd's SMTP plus the hooks aiosmtpd does not have."""
 
     def __init__(
-        self, script: _Script, *, require_starttls: bool, auth_required: bool, **kwargs: Any
+        self,
+        script: _Script,
+        *,
+        require_starttls: bool,
+        auth_required: bool,
+        pipelining_fault: PipeliningFault | None,
+        idle_reply: str | None,
+        **kwargs: Any,
     ) -> None:
         super().__init__(script, **kwargs)
         self._script = script
         self._live = script.accept()
         self._starttls_required = require_starttls
+        self._pipelining_fault = pipelining_fault
+        self._idle_reply = idle_reply
         # Set after __init__: aiosmtpd warns (once per connection) when AUTH is required
         # without TLS, which is exactly what plain-text test servers do.
         self._auth_required = auth_required
@@ -289,12 +311,34 @@ class _Session(SMTP):
     def _observed(self, verb: str, method: _SMTPMethod) -> _SMTPMethod:
         async def observed(arg: str | None) -> None:
             self._script.record(verb)
+            if self._pipelining_fault is not None and self._more_input_waiting():
+                if self._pipelining_fault == "close":
+                    await _drop(self)
+                self._discard_waiting_input()
             if self._needs_starttls(verb):
                 await self.push("530 5.7.0 Must issue a STARTTLS command first")
                 return
             await method(arg)
 
         return observed
+
+    # A command with more already behind it in the read buffer came in a pipelined batch.
+    # (StreamReader has no public way to peek; this is a test server.)
+
+    def _more_input_waiting(self) -> bool:
+        return bool(getattr(self._reader, "_buffer", b""))
+
+    def _discard_waiting_input(self) -> None:
+        buffer = getattr(self._reader, "_buffer", None)
+        if isinstance(buffer, bytearray):
+            buffer.clear()
+
+    def _timeout_cb(self) -> None:
+        # aiosmtpd closes an idle session silently; real servers first say why
+        if isinstance(self.transport, asyncio.Transport):
+            if self._idle_reply is not None:
+                self.transport.write(self._idle_reply.encode("ascii") + b"\r\n")
+            self.transport.close()
 
     def _needs_starttls(self, verb: str) -> bool:
         return (
@@ -375,6 +419,11 @@ class _Controller(Controller):
 class ScriptedSMTPServer:
     """An SMTP server on 127.0.0.1 whose replies and disconnects are scripted by the test.
 
+    idle_timeout closes a session idle that long, after sending idle_reply if given (e.g.
+    "421 4.4.2 Timeout exceeded", as Postfix does). pipelining_fault makes the server mishandle
+    pipelined batches although it advertises PIPELINING (see PipeliningFault). A scripted 421
+    reply closes the connection after it is sent, as real servers do.
+
     Scripting (reply/drop/set_vrfy/clear) and observation may be used from any thread,
     before or while the server runs. Observations survive stop()/start(); reset() clears them.
 
@@ -399,6 +448,8 @@ class ScriptedSMTPServer:
         smtputf8: bool = True,
         pipelining: bool = True,
         idle_timeout: float | None = None,
+        idle_reply: str | None = None,
+        pipelining_fault: PipeliningFault | None = None,
     ) -> None:
         if tls not in get_args(TLSMode):
             raise ValueError(f"tls must be one of {get_args(TLSMode)}, not {tls!r}")
@@ -406,6 +457,10 @@ class ScriptedSMTPServer:
             raise ValueError(f"tls={tls!r} needs a server-side ssl_context")
         if require_starttls and tls != "starttls":
             raise ValueError("require_starttls needs tls='starttls'")
+        if pipelining_fault is not None and pipelining_fault not in get_args(PipeliningFault):
+            raise ValueError(f"pipelining_fault must be one of {get_args(PipeliningFault)}")
+        if pipelining_fault is not None and not pipelining:
+            raise ValueError("pipelining_fault needs pipelining=True")
         self.host = host
         self.port = port
         self.tls: TLSMode = tls
@@ -415,6 +470,8 @@ class ScriptedSMTPServer:
         self._size_limit = size_limit
         self._smtputf8 = smtputf8
         self._idle_timeout = idle_timeout
+        self._idle_reply = idle_reply
+        self._pipelining_fault: PipeliningFault | None = pipelining_fault
         self._script = _Script(auth, pipelining)
         self._controller: _Controller | None = None
 
@@ -461,6 +518,8 @@ class ScriptedSMTPServer:
             self._script,
             require_starttls=self._require_starttls,
             auth_required=self._auth_required,
+            pipelining_fault=self._pipelining_fault,
+            idle_reply=self._idle_reply,
             hostname=SERVER_NAME,
             tls_context=self._ssl_context if self.tls == "starttls" else None,
             # aiosmtpd only counts STARTTLS as TLS, so implicit TLS must not require it

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections import defaultdict
+from datetime import datetime
 
 from mailer import clock
 from mailer.replies import Phase, ReplyCode, SMTPReply
@@ -21,13 +22,22 @@ class MemoryTransport:
         self._script: dict[str, list[tuple[Phase, SMTPReply]]] = defaultdict(list)
         self.sent: list[tuple[str, bytes]] = []
         self.transactions: list[Outgoing] = []
+        self._outage: tuple[datetime, Phase, SMTPReply] | None = None
 
     def script(self, address: str, phase: Phase, reply: SMTPReply, times: int = 1) -> None:
         self._script[address.lower()].extend([(phase, reply)] * times)
 
+    def outage(self, until: datetime, phase: Phase, reply: SMTPReply) -> None:
+        """Until `until` (on mailer's clock), every transaction gets `reply` at `phase`."""
+        self._outage = (until, phase, reply)
+
     def send(self, outgoing: Outgoing) -> TransactionResult:
         started = clock.now()
         self.transactions.append(outgoing)
+        if self._outage is not None and started < self._outage[0]:
+            _, phase, reply = self._outage
+            refused = tuple(RecipientResult(r, reply, phase) for r in outgoing.recipients)
+            return TransactionResult(refused, self.name, False, started, clock.now())
         results = []
         for recipient in outgoing.recipients:
             queued = self._script.get(recipient.lower())

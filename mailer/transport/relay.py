@@ -1,17 +1,32 @@
-"""The relay URL: parse `smtp://user:pass@host:port?tls=...` into a RelayConfig."""
+"""The relay URL: parse `smtp://user:pass@host:port?tls=...` into a RelayConfig.
+
+Error messages never repeat the URL's password: config.py shows them to the operator.
+"""
 
 from __future__ import annotations
 
+import ipaddress
+import math
+import re
 from dataclasses import dataclass, field
-from typing import Literal
-from urllib.parse import parse_qsl, quote, unquote, urlsplit
+from typing import Any, Literal, cast
+from urllib.parse import SplitResult, parse_qsl, quote, unquote, urlsplit
 
 TLSMode = Literal["none", "starttls", "opportunistic", "implicit"]
 
 _SMTP_PORT = 25
 _SUBMISSION_PORT = 587
 _SMTPS_PORT = 465
+_MAX_PORT = 65535
 _TLS_CHOICES = ("none", "starttls", "opportunistic")
+_BAD_HOST = re.compile(r"[\s/\\@?#\[\]%\x00-\x1f\x7f]")
+_EHLO_NAME = re.compile(r"[A-Za-z0-9.-]+|\[[0-9A-Fa-f.:IPv]+\]")
+_ENCODE = (
+    "unexpected '/', '?' or '#' before the host, or after it: percent-encode them in the user "
+    "and password (/ as %2F, ? as %3F, # as %23, @ as %40)"
+)
+_SWITCH = {"on": True, "true": True, "yes": True, "1": True}
+_SWITCH |= {"off": False, "false": False, "no": False, "0": False}
 
 
 @dataclass(frozen=True)
@@ -34,47 +49,90 @@ class RelayConfig:
     @property
     def name(self) -> str:
         """The relay's identity in the database and in logs: never carries credentials."""
-        return f"{self.host}:{self.port}"
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{host}:{self.port}"
 
     def redacted(self) -> str:
+        """The URL to show: the password is replaced by ***."""
         scheme = "smtps" if self.tls == "implicit" else "smtp"
         user = f"{quote(self.username, safe='')}:***@" if self.username else ""
         query = "" if self.tls == "implicit" else f"?tls={self.tls}"
-        return f"{scheme}://{user}{self.host}:{self.port}{query}"
+        return f"{scheme}://{user}{self.name}{query}"
 
 
 def parse_relay_url(url: str) -> RelayConfig:
     """Parse a relay URL; raises ValueError with a message that says what to fix."""
-    parts = urlsplit(url)
+    parts = urlsplit(url.strip())
     scheme = parts.scheme.lower()
     if scheme not in ("smtp", "smtps"):
         raise ValueError(f"scheme must be smtp:// or smtps://, got {parts.scheme or 'none'!r}")
-    options = dict(parse_qsl(parts.query, keep_blank_values=True))
-    host = unquote(parts.hostname or "")
-    try:
-        port = parts.port or 0
-    except ValueError as exc:
-        raise ValueError(f"bad port in {parts.netloc.rsplit('@', 1)[-1]!r}") from exc
-    if not port and host.count(":") == 1:
-        # the `host:port` form smtplib.SMTP.connect accepts, here percent-encoded in the host
-        host, _, port_text = host.partition(":")
-        if not port_text.isdigit():
-            raise ValueError(f"bad port {port_text!r}")
-        port = int(port_text)
-    if not host:
-        raise ValueError("no host: write e.g. smtp://mail.example.com:587")
-
+    if parts.fragment or parts.path not in ("", "/"):
+        raise ValueError(_ENCODE)
+    options = _query(parts.query)
+    host, port = _host_and_port(parts)
     tls = _tls_mode(scheme, options.pop("tls", None), port)
     if not port:
         port = {"implicit": _SMTPS_PORT, "starttls": _SUBMISSION_PORT}.get(tls, _SMTP_PORT)
+    username, password = _credentials(parts)
     return RelayConfig(
-        host=host,
-        port=port,
-        tls=tls,
-        username=unquote(parts.username) if parts.username else None,
-        password=unquote(parts.password) if parts.password is not None else None,
-        **_options(options),
+        host=host, port=port, tls=tls, username=username, password=password, **_options(options)
     )
+
+
+def _host_and_port(parts: SplitResult) -> tuple[str, int]:
+    hostport = parts.netloc.rpartition("@")[2]
+    try:
+        port = parts.port or 0
+    except ValueError:
+        raise ValueError(f"bad port in {hostport!r}: write host:port, port 1-65535") from None
+    host = unquote(parts.hostname or "")
+    if not port and host.count(":") == 1:
+        # the `host:port` form smtplib.SMTP.connect accepts, here percent-encoded in the host
+        host, _, port_text = host.partition(":")
+        if not port_text.isdigit() or int(port_text) > _MAX_PORT:
+            raise ValueError(f"bad port {port_text!r} in {hostport!r}: port must be 1-65535")
+        port = int(port_text)
+    if not host:
+        raise ValueError("no host: write e.g. smtp://mail.example.com:587")
+    if ":" in host:
+        _ipv6(host, hostport)
+    elif _BAD_HOST.search(host):
+        raise ValueError(f"bad host {host!r}: percent-encode special characters in the user")
+    return host, port
+
+
+def _ipv6(host: str, hostport: str) -> None:
+    try:
+        ipaddress.IPv6Address(host)
+    except ValueError:
+        raise ValueError(
+            f"bad host {hostport!r}: give the port once, and an IPv6 address in brackets"
+        ) from None
+
+
+def _credentials(parts: SplitResult) -> tuple[str | None, str | None]:
+    if parts.username is None:
+        return None, None
+    username = unquote(parts.username)
+    if not username:
+        raise ValueError("empty user name: write smtp://user:password@host, or no @ at all")
+    if parts.password is None:
+        raise ValueError(
+            f"user {username!r} has no password: write smtp://user:password@host "
+            "(percent-encode : / @ # ? in either)"
+        )
+    return username, unquote(parts.password)
+
+
+def _query(query: str) -> dict[str, str]:
+    options: dict[str, str] = {}
+    for key, value in parse_qsl(query, keep_blank_values=True):
+        if "@" in key:  # a "?" in the password: the rest of the URL became the query
+            raise ValueError(_ENCODE)
+        if key in options:
+            raise ValueError(f"option {key!r} is given twice")
+        options[key] = value
+    return options
 
 
 def _tls_mode(scheme: str, asked: str | None, port: int) -> TLSMode:
@@ -83,48 +141,65 @@ def _tls_mode(scheme: str, asked: str | None, port: int) -> TLSMode:
             raise ValueError("smtps:// is implicit TLS; drop the tls= option")
         return "implicit"
     if asked is None:
+        if port == _SMTPS_PORT:
+            raise ValueError(
+                "port 465 expects TLS from the start: write smtps://host:465 "
+                "(or say tls=none/opportunistic/starttls explicitly)"
+            )
         return "starttls" if port == _SUBMISSION_PORT else "opportunistic"
+    if asked == "implicit":
+        raise ValueError("for implicit TLS write smtps://host instead of tls=implicit")
     if asked not in _TLS_CHOICES:
         raise ValueError(f"tls must be one of {', '.join(_TLS_CHOICES)}, got {asked!r}")
-    return asked  # type: ignore[return-value]
+    return cast(TLSMode, asked)
 
 
 _FLOAT_OPTIONS = {
     "timeout": "command_timeout",
     "connect_timeout": "connect_timeout",
     "data_timeout": "data_timeout",
-    "idle": "idle_noop_after",
 }
+_KNOWN = ("tls", "ehlo", "ca_file", "max_messages", "idle", "pipelining", *_FLOAT_OPTIONS)
 
 
-def _options(options: dict[str, str]) -> dict[str, object]:
-    out: dict[str, object] = {}
+def _options(options: dict[str, str]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
     for key, value in options.items():
         if key in _FLOAT_OPTIONS:
-            out[_FLOAT_OPTIONS[key]] = _positive(key, value, float)
+            out[_FLOAT_OPTIONS[key]] = _seconds(key, value, allow_zero=False)
+        elif key == "idle":
+            out["idle_noop_after"] = _seconds(key, value, allow_zero=True)
         elif key == "max_messages":
-            out["max_messages"] = _positive(key, value, int)
+            out["max_messages"] = _count(key, value)
         elif key == "ehlo":
+            if not _EHLO_NAME.fullmatch(value):
+                raise ValueError(f"ehlo must be a host name or [address], got {value!r}")
             out["ehlo_name"] = value
         elif key == "ca_file":
+            if not value:
+                raise ValueError("ca_file is empty: give the path of a PEM file")
             out["ca_file"] = value
         elif key == "pipelining":
-            if value not in ("on", "off"):
-                raise ValueError("pipelining must be on or off")
-            out["pipelining"] = value == "on"
+            if value.lower() not in _SWITCH:
+                raise ValueError(f"pipelining must be on or off, got {value!r}")
+            out["pipelining"] = _SWITCH[value.lower()]
         else:
-            known = ", ".join(
-                ["tls", "ehlo", "ca_file", "max_messages", "pipelining", *_FLOAT_OPTIONS]
-            )
-            raise ValueError(f"unknown option {key!r} (known: {known})")
+            raise ValueError(f"unknown option {key!r} (known: {', '.join(_KNOWN)})")
     return out
 
 
-def _positive(key: str, value: str, kind: type[float] | type[int]) -> float | int:
+def _seconds(key: str, value: str, *, allow_zero: bool) -> float:
     try:
-        number = kind(value)
+        number = float(value)
     except ValueError:
-        raise ValueError(f"{key} must be a number, got {value!r}") from None
-    if number <= 0:
-        raise ValueError(f"{key} must be positive, got {value!r}")
+        raise ValueError(f"{key} must be a number of seconds, got {value!r}") from None
+    if not math.isfinite(number) or number < 0 or (number == 0 and not allow_zero):
+        least = "0 or more" if allow_zero else "more than 0"
+        raise ValueError(f"{key} must be {least} seconds, got {value!r}")
     return number
+
+
+def _count(key: str, value: str) -> int:
+    if not value.isdigit() or int(value) < 1:
+        raise ValueError(f"{key} must be a whole number of 1 or more, got {value!r}")
+    return int(value)

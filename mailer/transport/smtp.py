@@ -1,22 +1,29 @@
 """Persistent smtplib sessions: verified TLS, AUTH, then transactions that know their phase.
 
-One session per relay per worker thread, opened lazily and reused across tasks. A reused
-session that went stale is reopened once; a transaction is pipelined (RFC 2920) when the
-server offers PIPELINING. The session never decides what a reply means: it reports each
-recipient's reply and the phase it came in (replies.classify judges).
+One session per relay per worker thread, opened lazily and reused across tasks. A transaction
+is pipelined (RFC 2920) when the server offers PIPELINING. The session never decides what a
+reply means: it reports each recipient's reply and the phase it came in (replies.classify
+judges). It retries a transaction only where nothing can have been accepted yet: once on a
+fresh connection when a reused one turns out stale at MAIL, and once in lockstep when a
+pipelined envelope goes unanswered.
 """
 
 from __future__ import annotations
 
+import enum
+import functools
 import logging
 import re
 import smtplib
 import ssl
 import threading
 import time
-from collections.abc import Callable, Sequence
+import weakref
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 from mailer import clock
+from mailer.errors import RelayError
 from mailer.replies import Phase, ReplyCode, SMTPReply
 from mailer.transport.base import Outgoing, RecipientResult, TransactionResult
 from mailer.transport.relay import RelayConfig
@@ -24,12 +31,20 @@ from mailer.transport.relay import RelayConfig
 log = logging.getLogger(__name__)
 
 Report = Callable[[str, str], None]
-_LEADING_DOT = re.compile(rb"(?m)^\.")
 _CRLF = b"\r\n"
+_EOL = re.compile(rb"\r\n|\r(?!\n)|\n")
+_LEADING_DOT = re.compile(rb"(?m)^\.")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+_ACCEPTED = (ReplyCode.OK, ReplyCode.WILL_FORWARD)
+# the phases in which a lost connection or a refusal means the server accepted nothing yet
+_NOTHING_ACCEPTED = (Phase.MAIL, Phase.RCPT, Phase.DATA)
+# the AUTH mechanisms tried, in order; only one is tried, so a wrong password fails once
+_MECHANISMS = ("PLAIN", "LOGIN", "CRAM-MD5")
+_REPLY_DIGITS = (2, 3, 4, 5)  # RFC 5321 4.2.1: the first digit of every reply
 
 
 class _Failed(Exception):
-    """The session cannot carry this transaction; each undecided recipient gets `reply`."""
+    """The session cannot carry on; each recipient not decided yet gets `reply` at `phase`."""
 
     def __init__(self, reply: SMTPReply, phase: Phase) -> None:
         super().__init__(reply, phase)
@@ -37,181 +52,177 @@ class _Failed(Exception):
         self.phase = phase
 
 
+class _Retry(enum.Enum):
+    STALE = "a reused session was gone"
+    LOCKSTEP = "the pipelined envelope went unanswered"
+
+
 class SMTPSession:
+    """One relay's persistent connection: `send` never raises for anything the network does."""
+
     def __init__(self, config: RelayConfig) -> None:
         self.config = config
         self.name = config.name
+        self.connections = 0
         self._smtp: smtplib.SMTP | None = None
+        self._tls = False
         self._in_session = 0
         self._last_used = 0.0
         self._pipelining_broken = False
-        self.connections = 0
+        self._context: ssl.SSLContext | None = None
 
     # --- the transaction ----------------------------------------------------------------
 
     def send(self, outgoing: Outgoing) -> TransactionResult:
         started = clock.now()
-        for attempt in (1, 2):
-            reused = self._smtp is not None
-            pipelined = False
-            try:
-                smtp = self._ready()
-                pipelined = self._use_pipelining(smtp)
-                results = self._transaction(smtp, outgoing, pipelined)
-            except _Failed as failed:
-                self._abort()
-                if attempt == 1 and self._worth_retrying(failed, reused, pipelined):
-                    continue
-                decided = failed.decided if isinstance(failed, _FailedWith) else {}
-                results = [
-                    decided.get(r) or RecipientResult(r, failed.reply, failed.phase)
-                    for r in outgoing.recipients
-                ]
-            break
-        tls = self._smtp is not None and isinstance(self._smtp.sock, ssl.SSLSocket)
+        results = self._deliver(outgoing) if outgoing.recipients else []
+        tls = self._tls
         self._after_transaction()
-        return TransactionResult(
-            tuple(results), self.name, tls or self.config.tls == "implicit", started, clock.now()
-        )
+        return TransactionResult(tuple(results), self.name, tls, started, clock.now())
 
-    def _worth_retrying(self, failed: _Failed, reused: bool, pipelined: bool) -> bool:
-        # Nothing was accepted before MAIL finished, so a second try cannot duplicate: a
-        # reused session the server had closed, or a pipelined exchange the server mangled.
-        if failed.reply.code is not None or failed.phase not in (
-            Phase.MAIL,
-            Phase.RCPT,
-            Phase.DATA,
-        ):
-            return False
-        if pipelined:
+    def _deliver(self, out: Outgoing) -> list[RecipientResult]:
+        retries = set(_Retry)
+        while True:
+            decided: dict[str, RecipientResult] = {}
+            reused = pipelined = False
+            try:
+                smtp, reused = self._ready()
+                pipelined = self._use_pipelining(smtp)
+                self._transaction(smtp, out, pipelined, decided)
+                return [decided[r] for r in out.recipients]
+            except _Failed as failed:
+                if failed.phase is not Phase.LOCAL:  # a local refusal leaves the session in step
+                    self._abort()
+                retry = _retry_reason(failed, reused, pipelined)
+                if retry is None or retry not in retries:
+                    return [
+                        decided.get(r) or RecipientResult(r, failed.reply, failed.phase)
+                        for r in out.recipients
+                    ]
+                retries.remove(retry)
+                self._before_retry(retry, failed)
+
+    def _before_retry(self, retry: _Retry, failed: _Failed) -> None:
+        if retry is _Retry.LOCKSTEP:
             self._pipelining_broken = True
             log.warning(
-                "relay %s: pipelined transaction failed (%s); continuing in lockstep",
+                "relay %s: pipelined envelope failed (%s); using lockstep from now on",
                 self.name,
                 failed.reply.text,
             )
-            return True
-        return reused and failed.phase is Phase.MAIL
+        else:
+            log.info("relay %s: reused session was gone (%s); retrying", self.name, failed.reply)
 
     def _transaction(
-        self, smtp: smtplib.SMTP, out: Outgoing, pipelined: bool
-    ) -> list[RecipientResult]:
-        options = self._mail_options(smtp, out)
-        decided: dict[str, RecipientResult] = {}
+        self,
+        smtp: smtplib.SMTP,
+        out: Outgoing,
+        pipelined: bool,
+        decided: dict[str, RecipientResult],
+    ) -> None:
+        """Run one transaction, filling `decided` as replies come in (raises _Failed)."""
+        body = _wire_body(out.data)
+        options = self._mail_options(smtp, out, len(body))
+        encoding = "utf-8" if "SMTPUTF8" in options else "ascii"
+        commands = [line.encode(encoding) for line in _envelope(out, options)]
         if pipelined:
-            mail, rcpts, data = self._pipelined_envelope(smtp, out, options)
-        else:
-            mail, rcpts, data = self._lockstep_envelope(smtp, out, options)
+            with _phase(Phase.MAIL):
+                smtp.send(b"".join(c + _CRLF for c in commands))
+        replies = self._replies(smtp, pipelined, commands)
+
+        mail = next(replies)
+        mail_ok = mail.code == ReplyCode.OK
         accepted = []
-        for recipient, reply in zip(out.recipients, rcpts, strict=False):
-            if mail.code == ReplyCode.OK and reply.code in (ReplyCode.OK, ReplyCode.WILL_FORWARD):
-                accepted.append(recipient)
-            elif mail.code != ReplyCode.OK:
+        for recipient in out.recipients:
+            if not mail_ok:
                 decided[recipient] = RecipientResult(recipient, mail, Phase.MAIL)
+                continue
+            reply = next(replies)
+            if reply.code in _ACCEPTED:
+                accepted.append(recipient)
             else:
                 decided[recipient] = RecipientResult(recipient, reply, Phase.RCPT)
-        if _closes(mail) or any(_closes(r) for r in rcpts):
-            raise _FailedWith(decided, _first_closing(mail, rcpts), Phase.RCPT)
-        if not accepted:
-            self._finish_refused(smtp, data)
-            return [decided[r] for r in out.recipients]
-        if data is None or data.code != ReplyCode.START_INPUT:
-            refusal = data or SMTPReply.lost("no reply to DATA")
-            for recipient in accepted:
-                decided[recipient] = RecipientResult(recipient, refusal, Phase.DATA)
-            if _closes(refusal):
-                raise _FailedWith(decided, refusal, Phase.DATA)
+        if not accepted and not pipelined:
             self._rset(smtp)
-            return [decided[r] for r in out.recipients]
-        final, phase = self._body(smtp, out.data)
-        for recipient in accepted:
-            decided[recipient] = RecipientResult(recipient, final, phase)
-        return [decided[r] for r in out.recipients]
+            return
+        if pipelined and not mail_ok:
+            for _ in out.recipients:  # the server answers every pipelined RCPT: stay in step
+                next(replies)
+        self._data(smtp, next(replies), accepted, body, decided)
 
-    def _lockstep_envelope(
-        self, smtp: smtplib.SMTP, out: Outgoing, options: list[str]
-    ) -> tuple[SMTPReply, list[SMTPReply], SMTPReply | None]:
-        with _phase(Phase.MAIL):
-            mail = SMTPReply.of(*smtp.mail(out.sender, options))
-        if mail.code != ReplyCode.OK:
-            return mail, [mail] * len(out.recipients), None
-        rcpts: list[SMTPReply] = []
-        for recipient in out.recipients:
-            with _phase(Phase.RCPT):
-                reply = SMTPReply.of(*smtp.rcpt(recipient))
-            rcpts.append(reply)
-            if _closes(reply):
-                return mail, rcpts + [reply] * (len(out.recipients) - len(rcpts)), None
-        if not any(r.code in (ReplyCode.OK, ReplyCode.WILL_FORWARD) for r in rcpts):
-            return mail, rcpts, None
-        with _phase(Phase.DATA):
-            smtp.putcmd("data")
-            data = SMTPReply.of(*smtp.getreply())
-        return mail, rcpts, data
+    def _replies(
+        self, smtp: smtplib.SMTP, pipelined: bool, commands: list[bytes]
+    ) -> Iterator[SMTPReply]:
+        """The reply to each envelope command, sending it first unless already pipelined."""
+        phases = [Phase.MAIL] + [Phase.RCPT] * (len(commands) - 2) + [Phase.DATA]
+        for phase, command in zip(phases, commands, strict=True):
+            yield self._ask(smtp, phase, None if pipelined else command)
 
-    def _pipelined_envelope(
-        self, smtp: smtplib.SMTP, out: Outgoing, options: list[str]
-    ) -> tuple[SMTPReply, list[SMTPReply], SMTPReply | None]:
-        encoding = "utf-8" if out.smtputf8 else "ascii"
-        option_text = "".join(" " + o for o in options)
-        lines = [f"MAIL FROM:{smtplib.quoteaddr(out.sender)}{option_text}\r\n"]
-        lines += [f"RCPT TO:{smtplib.quoteaddr(r)}\r\n" for r in out.recipients]
-        lines.append("DATA\r\n")
-        with _phase(Phase.MAIL):
-            smtp.send("".join(lines).encode(encoding))
-            mail = SMTPReply.of(*smtp.getreply())
-        rcpts = []
-        for _ in out.recipients:
-            with _phase(Phase.RCPT):
-                rcpts.append(SMTPReply.of(*smtp.getreply()))
-        with _phase(Phase.DATA):
-            data = SMTPReply.of(*smtp.getreply())
-        return mail, rcpts, data
+    def _ask(self, smtp: smtplib.SMTP, phase: Phase, command: bytes | None) -> SMTPReply:
+        with _phase(phase):
+            if command is not None:
+                smtp.send(command + _CRLF)
+            reply = _read(smtp)
+        if _closes(reply):
+            raise _Failed(reply, phase)
+        return reply
 
-    def _body(self, smtp: smtplib.SMTP, data: bytes) -> tuple[SMTPReply, Phase]:
-        body = _LEADING_DOT.sub(b"..", data)
-        if not body.endswith(_CRLF):
-            body += _CRLF
+    def _data(
+        self,
+        smtp: smtplib.SMTP,
+        data: SMTPReply,
+        accepted: list[str],
+        body: bytes,
+        decided: dict[str, RecipientResult],
+    ) -> None:
+        if data.code != ReplyCode.START_INPUT or not accepted:
+            for recipient in accepted:
+                decided[recipient] = RecipientResult(recipient, data, Phase.DATA)
+            if data.code == ReplyCode.START_INPUT:
+                # a pipelining server said 354 although it accepted no recipient (RFC 2920
+                # 3.1): end the empty message so that the session stays in step
+                self._ask(smtp, Phase.BODY, b".")
+            self._rset(smtp)
+            return
         with _phase(Phase.BODY):
             smtp.send(body + b"." + _CRLF)
-        with _phase(Phase.DOT):
-            self._timeout(smtp, self.config.data_timeout)
-            final = SMTPReply.of(*smtp.getreply())
-            self._timeout(smtp, self.config.command_timeout)
         self._in_session += 1
+        with _phase(Phase.DOT):
+            _timeout(smtp, self.config.data_timeout)
+            final = _read(smtp)
+            _timeout(smtp, self.config.command_timeout)
+        for recipient in accepted:
+            decided[recipient] = RecipientResult(recipient, final, Phase.DOT)
         if _closes(final):
             self._abort()
-        return final, Phase.DOT
-
-    def _finish_refused(self, smtp: smtplib.SMTP, data: SMTPReply | None) -> None:
-        if data is not None and data.code == ReplyCode.START_INPUT:
-            # a pipelining server said 354 although no recipient was accepted (RFC 2920 3.1):
-            # end the empty message so that the session stays in step
-            with _phase(Phase.BODY):
-                smtp.send(b"." + _CRLF)
-                smtp.getreply()
-        self._rset(smtp)
 
     def _rset(self, smtp: smtplib.SMTP) -> None:
         try:
-            smtp.rset()
+            code, _ = smtp.rset()
         except (smtplib.SMTPException, OSError):
+            code = 0
+        if code != ReplyCode.OK:
             # the transaction already failed; a session that cannot even RSET is not reusable
             self._abort()
 
-    def _mail_options(self, smtp: smtplib.SMTP, out: Outgoing) -> list[str]:
-        options = []
-        limit = int(smtp.esmtp_features.get("size", "0") or 0) if smtp.has_extn("size") else 0
-        if limit and len(out.data) > limit:
+    def _mail_options(self, smtp: smtplib.SMTP, out: Outgoing, size: int) -> list[str]:
+        """MAIL FROM parameters; refuses here (Phase.LOCAL) what the server would refuse."""
+        for address in (out.sender, *out.recipients):
+            if _CONTROL.search(address) or "<" in address or ">" in address:
+                raise _Failed(
+                    SMTPReply.lost(f"address {address!r} contains a control character or <>"),
+                    Phase.LOCAL,
+                )
+        limit = _size_limit(smtp)
+        if limit and size > limit:
             raise _Failed(
                 SMTPReply.lost(
-                    f"message is {len(out.data)} bytes; the server accepts at most {limit} (SIZE)"
+                    f"message is {size} bytes; the server accepts at most {limit} (SIZE)"
                 ),
                 Phase.LOCAL,
             )
-        if smtp.has_extn("size"):
-            options.append(f"SIZE={len(out.data)}")
-        if out.smtputf8:
+        options = [f"SIZE={size}"] if smtp.has_extn("size") else []
+        if out.smtputf8 or not all(a.isascii() for a in (out.sender, *out.recipients)):
             if not smtp.has_extn("smtputf8"):
                 raise _Failed(
                     SMTPReply.lost(
@@ -229,9 +240,15 @@ class SMTPSession:
             self.config.pipelining and not self._pipelining_broken and smtp.has_extn("pipelining")
         )
 
+    def _after_transaction(self) -> None:
+        self._last_used = time.monotonic()
+        if self._smtp is not None and self._in_session >= self.config.max_messages:
+            self.close()
+
     # --- the session ----------------------------------------------------------------------
 
-    def _ready(self) -> smtplib.SMTP:
+    def _ready(self) -> tuple[smtplib.SMTP, bool]:
+        """The open connection (checked with NOOP after idling) or a new one; True if reused."""
         smtp = self._smtp
         if smtp is not None and time.monotonic() - self._last_used > self.config.idle_noop_after:
             try:
@@ -243,51 +260,81 @@ class SMTPSession:
                 self._abort()
                 smtp = None
         if smtp is None:
-            smtp = self.open()
-        return smtp
+            return self._open(lambda step, detail: None), False
+        return smtp, True
 
     def open(self, report: Report | None = None) -> smtplib.SMTP:
-        """Connect, EHLO, STARTTLS and AUTH as configured; `report(step, detail)` sees each."""
-        say = report or (lambda step, detail: None)
-        cfg = self.config
-        with _phase(Phase.CONNECT):
-            smtp: smtplib.SMTP
-            if cfg.tls == "implicit":
-                with _phase(Phase.TLS):
-                    smtp = smtplib.SMTP_SSL(
-                        local_hostname=cfg.ehlo_name,
-                        timeout=cfg.connect_timeout,
-                        context=self._ssl(),
-                    )
-                    code, banner = smtp.connect(cfg.host, cfg.port)
-            else:
-                smtp = smtplib.SMTP(local_hostname=cfg.ehlo_name, timeout=cfg.connect_timeout)
-                code, banner = smtp.connect(cfg.host, cfg.port)
+        """Connect, EHLO, STARTTLS and AUTH as configured; `report(step, detail)` sees each.
+
+        Raises RelayError naming the step that failed.
+        """
+        try:
+            return self._open(report or (lambda step, detail: None))
+        except _Failed as failed:
+            reply = failed.reply
+            if reply.code is None:
+                raise RelayError(failed.phase.value, reply.text) from None
+            raise RelayError(failed.phase.value, "refused", reply.code, reply.text) from None
+
+    def _open(self, say: Report) -> smtplib.SMTP:
+        self._abort()
+        self._tls = False
+        smtp = self._connect(say)
+        try:
+            self._handshake(smtp, say)
+        except _Failed:
+            smtp.close()
+            raise
         self._smtp = smtp
-        self.connections += 1
-        greeting = SMTPReply.of(code, banner)
-        say("connect", f"{cfg.host}:{cfg.port} {greeting}")
-        if code != ReplyCode.READY:
-            raise _Failed(greeting, Phase.GREETING)
-        self._timeout(smtp, cfg.command_timeout)
-        self._ehlo(smtp, say)
-        if cfg.tls in ("starttls", "opportunistic"):
-            self._starttls(smtp, say)
-        if cfg.username:
-            self._login(smtp, say)
+        self._tls = isinstance(smtp.sock, ssl.SSLSocket)
         self._in_session = 0
         self._last_used = time.monotonic()
+        self.connections += 1
         return smtp
+
+    def _connect(self, say: Report) -> smtplib.SMTP:
+        cfg = self.config
+        name = cfg.ehlo_name or _local_hostname()
+        # Connect through the constructor: smtplib verifies the certificate against the host
+        # given there (and raises SMTPConnectError for a greeting other than 220).
+        with _phase(Phase.CONNECT):
+            smtp = (
+                smtplib.SMTP_SSL(
+                    cfg.host,
+                    cfg.port,
+                    local_hostname=name,
+                    timeout=cfg.connect_timeout,
+                    context=self._ssl(),
+                )
+                if cfg.tls == "implicit"
+                else smtplib.SMTP(cfg.host, cfg.port, name, cfg.connect_timeout)
+            )
+        say("connect", f"{cfg.host}:{cfg.port} connected")
+        if cfg.tls == "implicit":
+            say("tls", _cipher(smtp))
+        _timeout(smtp, cfg.command_timeout)
+        return smtp
+
+    def _handshake(self, smtp: smtplib.SMTP, say: Report) -> None:
+        self._ehlo(smtp, say)
+        if self.config.tls in ("starttls", "opportunistic"):
+            self._starttls(smtp, say)
+        if self.config.username:
+            self._login(smtp, say)
+        else:
+            say("auth", "skipped: no user in the relay URL")
 
     def _ehlo(self, smtp: smtplib.SMTP, say: Report) -> None:
         with _phase(Phase.EHLO):
             code, text = smtp.ehlo()
-            if code != ReplyCode.OK:
+            if code >= ReplyCode.SYNTAX_ERROR:  # not ESMTP (a 421 is not answered by HELO)
                 code, text = smtp.helo()
         reply = SMTPReply.of(code, text)
         if code != ReplyCode.OK:
             raise _Failed(reply, Phase.EHLO)
-        say("ehlo", f"{code} extensions: {' '.join(sorted(smtp.esmtp_features)) or '(none)'}")
+        server = reply.text.splitlines()[0] if reply.text else ""
+        extensions = " ".join(sorted(smtp.esmtp_features)) or "(none)"
+        say("ehlo", f"{code} {server}; extensions: {extensions}")
 
     def _starttls(self, smtp: smtplib.SMTP, say: Report) -> None:
         if not smtp.has_extn("starttls"):
@@ -299,12 +346,10 @@ class SMTPSession:
                     ),
                     Phase.TLS,
                 )
-            say("starttls", "not offered by the server; continuing without TLS (tls=opportunistic)")
+            say("starttls", "not offered by the server; continuing without TLS (opportunistic)")
             return
         with _phase(Phase.TLS):
-            code, text = smtp.starttls(context=self._ssl())
-        if code != ReplyCode.READY:
-            raise _Failed(SMTPReply.of(code, text), Phase.TLS)
+            code, _ = smtp.starttls(context=self._ssl())
         say("starttls", f"{code} {_cipher(smtp)}")
         self._ehlo(smtp, say)
 
@@ -318,51 +363,51 @@ class SMTPSession:
                 ),
                 Phase.AUTH,
             )
+        mechanism = _mechanism(smtp)
+        smtp.user, smtp.password = cfg.username or "", cfg.password or ""
+        authenticate = getattr(smtp, "auth_" + mechanism.lower().replace("-", "_"))
         try:
             with _phase(Phase.AUTH):
-                code, _ = smtp.login(cfg.username or "", cfg.password or "")
-        except smtplib.SMTPAuthenticationError as exc:
-            raise _Failed(SMTPReply.of(exc.smtp_code, exc.smtp_error), Phase.AUTH) from None
-        except smtplib.SMTPNotSupportedError:
-            raise _Failed(
-                SMTPReply.lost(
-                    "the server offers no AUTH; check the port, or remove the user from the URL"
-                ),
-                Phase.AUTH,
-            ) from None
-        except smtplib.SMTPException as exc:
-            offered = smtp.esmtp_features.get("auth", "").strip() or "none"
-            raise _Failed(
-                SMTPReply.lost(
-                    f"no AUTH mechanism in common ({exc}); the server offers: {offered}"
-                ),
-                Phase.AUTH,
-            ) from None
-        say("auth", f"{code} authenticated as {cfg.username}")
+                code, _ = smtp.auth(mechanism, authenticate)
+        finally:
+            smtp.password = ""
+        say("auth", f"{code} authenticated as {cfg.username} ({mechanism})")
 
     def _ssl(self) -> ssl.SSLContext:
         # verified certificates and host names, always: smtplib's own default verifies nothing
-        return ssl.create_default_context(cafile=self.config.ca_file)
+        if self._context is None:
+            try:
+                self._context = ssl.create_default_context(cafile=self.config.ca_file)
+            except OSError as exc:  # ssl.SSLError is an OSError too
+                raise _Failed(
+                    SMTPReply.lost(f"cannot load ca_file {self.config.ca_file!r}: {exc}"),
+                    Phase.TLS,
+                ) from None
+        return self._context
 
-    def _after_transaction(self) -> None:
-        self._last_used = time.monotonic()
-        if self._smtp is not None and self._in_session >= self.config.max_messages:
-            self.close()
-
-    @staticmethod
-    def _timeout(smtp: smtplib.SMTP, seconds: float) -> None:
-        if smtp.sock is not None:
-            smtp.sock.settimeout(seconds)
+    # --- one-off commands and the end ------------------------------------------------------
 
     def verify(self, address: str) -> SMTPReply:
-        smtp = self._ready()
-        with _phase(Phase.RCPT):
-            return SMTPReply.of(*smtp.verify(address))
+        """VRFY: most servers answer 252 (cannot verify, will try); a lost session is a reply."""
+        if not address.isascii() or _CONTROL.search(address):
+            return SMTPReply.lost(f"cannot VRFY {address!r}: not a plain ASCII address")
+        return self._command(lambda smtp: smtp.verify(address))
 
     def noop(self) -> SMTPReply:
-        smtp = self._ready()
-        with _phase(Phase.MAIL):
-            return SMTPReply.of(*smtp.noop())
+        return self._command(lambda smtp: smtp.noop())
+
+    def _command(self, run: Callable[[smtplib.SMTP], tuple[int, bytes]]) -> SMTPReply:
+        try:
+            smtp, _ = self._ready()
+            with _phase(Phase.CONNECT):
+                reply = SMTPReply.of(*run(smtp))
+        except _Failed as failed:
+            self._abort()
+            return failed.reply
+        self._last_used = time.monotonic()
+        if _closes(reply):
+            self._abort()
+        return reply
 
     def close(self) -> None:
         """QUIT politely; errors on QUIT are ignored (the session is over either way)."""
@@ -380,41 +425,128 @@ class SMTPSession:
             smtp.close()
 
 
-class _FailedWith(_Failed):
-    """A reply that ends the session (421) after some recipients were already decided."""
-
-    def __init__(self, decided: dict[str, RecipientResult], reply: SMTPReply, phase: Phase) -> None:
-        super().__init__(reply, phase)
-        self.decided = decided
-
-
-class _phase:
-    """Turn a dropped connection or a timeout inside the block into _Failed at that phase."""
-
-    def __init__(self, phase: Phase) -> None:
-        self.phase = phase
-
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(
-        self, kind: type[BaseException] | None, exc: BaseException | None, _tb: object
-    ) -> bool:
-        if exc is None or isinstance(exc, _Failed):
-            return False
-        if isinstance(exc, ssl.SSLCertVerificationError):
-            raise _Failed(
-                SMTPReply.lost(
-                    f"the server's certificate is not trusted ({exc.verify_message}); for a "
-                    "private CA set ca_file=/path/ca.pem in MAILER_SMTP_URL"
-                ),
-                Phase.TLS,
-            ) from None
-        if isinstance(exc, ssl.SSLError):
-            raise _Failed(SMTPReply.lost(f"TLS failed: {exc}"), Phase.TLS) from None
-        if isinstance(exc, smtplib.SMTPServerDisconnected | OSError):
-            raise _Failed(SMTPReply.lost(_describe(exc)), self.phase) from None
+def check(config: RelayConfig, say: Report) -> bool:
+    """For `mailer smtp check`: connect, EHLO, STARTTLS, AUTH, NOOP and QUIT, saying each
+    step's reply as say(step, detail); at the first failure, say why and return False."""
+    try:
+        smtp = SMTPSession(config)._open(say)
+    except _Failed as failed:
+        step = failed.phase.value
+        if failed.phase is Phase.TLS and config.tls != "implicit":
+            step = "starttls"
+        say(step, f"FAILED: {failed.reply}")
         return False
+    try:
+        return _check_step(smtp, say, "noop", ReplyCode.OK) and _check_step(
+            smtp, say, "quit", ReplyCode.CLOSING
+        )
+    finally:
+        smtp.close()
+
+
+def _check_step(smtp: smtplib.SMTP, say: Report, step: str, expected: ReplyCode) -> bool:
+    try:
+        with _phase(Phase.CONNECT):
+            reply = SMTPReply.of(*smtp.docmd(step.upper()))
+    except _Failed as failed:
+        reply = failed.reply
+    if reply.code != expected:
+        say(step, f"FAILED: {reply}")
+        return False
+    say(step, str(reply))
+    return True
+
+
+@contextmanager
+def _phase(phase: Phase) -> Iterator[None]:
+    """Turn a failure inside the block into _Failed at `phase` (a TLS failure: at Phase.TLS)."""
+    try:
+        yield
+    except (smtplib.SMTPException, OSError) as exc:
+        raise _failure(exc, phase) from None
+
+
+def _failure(exc: smtplib.SMTPException | OSError, phase: Phase) -> _Failed:
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        return _Failed(
+            SMTPReply.lost(
+                f"the server's certificate is not trusted ({exc.verify_message}); for a "
+                "private CA set ca_file=/path/ca.pem in MAILER_SMTP_URL"
+            ),
+            Phase.TLS,
+        )
+    if isinstance(exc, ssl.SSLError) and phase in (Phase.CONNECT, Phase.TLS):
+        return _Failed(SMTPReply.lost(f"TLS handshake failed: {exc}"), Phase.TLS)
+    if isinstance(exc, smtplib.SMTPConnectError):
+        return _Failed(SMTPReply.of(exc.smtp_code, exc.smtp_error), Phase.GREETING)
+    if isinstance(exc, smtplib.SMTPResponseException):
+        return _Failed(SMTPReply.of(exc.smtp_code, exc.smtp_error), phase)
+    return _Failed(SMTPReply.lost(_describe(exc)), phase)
+
+
+def _retry_reason(failed: _Failed, reused: bool, pipelined: bool) -> _Retry | None:
+    """Why the transaction may be tried again at once (nothing can have been accepted)."""
+    if failed.phase not in _NOTHING_ACCEPTED:
+        return None
+    lost = failed.reply.code is None
+    if reused and failed.phase is Phase.MAIL and (lost or _closes(failed.reply)):
+        return _Retry.STALE  # e.g. the server's idle timeout: a 421, or nothing at all
+    if pipelined and lost:
+        # some servers close the connection on, or ignore, pipelined commands they advertised
+        return _Retry.LOCKSTEP
+    return None
+
+
+def _read(smtp: smtplib.SMTP) -> SMTPReply:
+    code, text = smtp.getreply()
+    if code // 100 not in _REPLY_DIGITS:
+        # a garbled reply: the dialogue is out of step and the session cannot go on
+        raise smtplib.SMTPServerDisconnected(f"unreadable reply {text[:80]!r}")
+    return SMTPReply.of(code, text)
+
+
+def _envelope(out: Outgoing, options: list[str]) -> list[str]:
+    mail = f"MAIL FROM:<{out.sender}>" + "".join(f" {option}" for option in options)
+    return [mail, *(f"RCPT TO:<{r}>" for r in out.recipients), "DATA"]
+
+
+def _wire_body(data: bytes) -> bytes:
+    """CRLF line ends (a bare CR or LF is never sent: SMTP smuggling) and dot-stuffing."""
+    body = _LEADING_DOT.sub(b"..", _EOL.sub(_CRLF, data))
+    return body if body.endswith(_CRLF) else body + _CRLF
+
+
+def _size_limit(smtp: smtplib.SMTP) -> int:
+    try:
+        return int(smtp.esmtp_features.get("size", "") or 0) if smtp.has_extn("size") else 0
+    except ValueError:
+        return 0
+
+
+def _mechanism(smtp: smtplib.SMTP) -> str:
+    if not smtp.has_extn("auth"):
+        raise _Failed(
+            SMTPReply.lost(
+                "the server offers no AUTH; check the port, or remove the user from the URL"
+            ),
+            Phase.AUTH,
+        )
+    offered = smtp.esmtp_features["auth"].upper().split()
+    for mechanism in _MECHANISMS:
+        if mechanism in offered:
+            return mechanism
+    raise _Failed(
+        SMTPReply.lost(
+            f"no AUTH mechanism in common: the server offers {' '.join(offered) or 'none'}, "
+            f"mailer speaks {', '.join(_MECHANISMS)}"
+        ),
+        Phase.AUTH,
+    )
+
+
+def _timeout(smtp: smtplib.SMTP, seconds: float) -> None:
+    if smtp.sock is not None:
+        smtp.sock.settimeout(seconds)
 
 
 def _describe(exc: BaseException) -> str:
@@ -427,10 +559,6 @@ def _closes(reply: SMTPReply) -> bool:
     return reply.code == ReplyCode.SERVICE_UNAVAILABLE
 
 
-def _first_closing(mail: SMTPReply, rcpts: Sequence[SMTPReply]) -> SMTPReply:
-    return next(r for r in (mail, *rcpts) if _closes(r))
-
-
 def _cipher(smtp: smtplib.SMTP) -> str:
     sock = smtp.sock
     if isinstance(sock, ssl.SSLSocket):
@@ -439,7 +567,16 @@ def _cipher(smtp: smtplib.SMTP) -> str:
     return "(no TLS)"
 
 
+@functools.cache
+def _local_hostname() -> str:
+    # smtplib's own EHLO name (the FQDN, or an address literal), but worked out once: it
+    # costs a DNS lookup that smtplib would repeat on every connection
+    return smtplib.SMTP().local_hostname
+
+
 _local = threading.local()
+_all_sessions: weakref.WeakSet[SMTPSession] = weakref.WeakSet()
+_registry = threading.Lock()
 
 
 def session_for(config: RelayConfig) -> SMTPSession:
@@ -447,14 +584,14 @@ def session_for(config: RelayConfig) -> SMTPSession:
     sessions: dict[RelayConfig, SMTPSession] = _local.__dict__.setdefault("sessions", {})
     if config not in sessions:
         sessions[config] = SMTPSession(config)
-        _all_sessions.append(sessions[config])
+        with _registry:
+            _all_sessions.add(sessions[config])
     return sessions[config]
 
 
-_all_sessions: list[SMTPSession] = []
-
-
 def close_all() -> None:
-    """QUIT every session of this process (worker shutdown)."""
-    while _all_sessions:
-        _all_sessions.pop().close()
+    """QUIT every session of this process (worker shutdown); a session used again reopens."""
+    with _registry:
+        sessions = list(_all_sessions)
+    for session in sessions:
+        session.close()

@@ -1,0 +1,54 @@
+"""The suppression list: addresses never to mail again (hard bounces, complaints, imports)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from datetime import datetime
+
+from sqlalchemy import delete, select
+from sqlalchemy.orm import Session
+
+from mailer import addresses, db
+from mailer.models import Suppression
+
+Entry = tuple[str, str, int | None]  # address, reason, source delivery
+
+
+def add(session: Session, entries: Iterable[Entry], now: datetime) -> int:
+    """Add addresses (compared case-insensitively); returns how many were new."""
+    rows = [
+        {"address": a.lower(), "reason": r, "source_delivery_id": d, "created_at": now}
+        for a, r, d in entries
+    ]
+    if not rows:
+        return 0
+    stmt = db.dialect_insert(session)(Suppression).on_conflict_do_nothing(
+        index_elements=["address"]
+    )
+    return max(session.connection().execute(stmt, rows).rowcount, 0)
+
+
+def add_checked(session: Session, raw: Iterable[str], reason: str, now: datetime) -> int:
+    """Validate each address first: an invalid one raises before anything is written."""
+    checked = [(addresses.parse(a).key, reason, None) for a in raw]
+    return add(session, checked, now)
+
+
+def remove(session: Session, raw: Iterable[str]) -> int:
+    keys = [a.strip().lower() for a in raw]
+    result = session.execute(delete(Suppression).where(Suppression.address.in_(keys)))
+    return max(result.rowcount, 0)  # type: ignore[attr-defined]
+
+
+def entries(session: Session) -> Iterator[Suppression]:
+    yield from session.scalars(
+        select(Suppression).order_by(Suppression.address).execution_options(yield_per=2000)
+    )
+
+
+def suppressed(session: Session, keys: list[str]) -> dict[str, str]:
+    """Of these lower-cased addresses, those on the list, with the reason."""
+    if not keys:
+        return {}
+    query = select(Suppression.address, Suppression.reason).where(Suppression.address.in_(keys))
+    return {address: reason for address, reason in session.execute(query)}
