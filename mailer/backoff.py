@@ -24,7 +24,7 @@ class RetryPolicy:
     factor: float = 2.0
     max_delay: float = 3600.0
     max_age: float = 4 * 86400.0
-    max_attempts: int = 30
+    max_attempts: int = 100
     # +-10 %: spreads the retries of a large deferred batch instead of waking them in one burst
     jitter: float = 0.1
 

@@ -53,7 +53,11 @@ VARIABLES: list[tuple[str, str, str]] = [
         "345600",
         "a delivery still deferred this long after enqueue expires (4 days)",
     ),
-    ("MAILER_RETRY_MAX_ATTEMPTS", "30", "a delivery deferred this many times expires"),
+    (
+        "MAILER_RETRY_MAX_ATTEMPTS",
+        "100",
+        "a delivery deferred this many times expires (about 4 days of hourly tries)",
+    ),
     (
         "MAILER_AMBIGUOUS",
         "hold",

@@ -163,9 +163,9 @@ def _next_state(
             if now >= deadline
             else (S.DEFERRED, c.attempts, min(rest, deadline))
         )
-    if k is ReplyClass.TOO_MANY_RECIPIENTS:
-        return S.DEFERRED, c.attempts, now  # not this recipient's fault: at once, nothing spent
-    failures = c.attempts + 1  # transient, or ambiguous under the retry policy
+    # transient; ambiguous under the retry policy; or "too many recipients" for a transaction
+    # of one (delivery.py splits bigger ones at once), which only a later try can mend
+    failures = c.attempts + 1
     when = backoff.next_attempt(
         settings.retry,
         failures=failures,

@@ -61,7 +61,8 @@ def test_a_missing_schema_says_to_run_db_upgrade(tmp_path: Path) -> None:
 def test_template_campaign_status_and_report(sqlite_db: str, tmp_path: Path) -> None:
     (tmp_path / "s.txt").write_text("Hi {{ name }}\n")
     (tmp_path / "t.txt").write_text("Hello {{ name }}\n")
-    (tmp_path / "r.csv").write_text("email,name\na@example.com,Ann\nb@example.com,Bob\na@example.com,Ann\n")
+    rows = "email,name\na@example.com,Ann\nb@example.com,Bob\na@example.com,Ann\n"
+    (tmp_path / "r.csv").write_text(rows)
     runner = CliRunner()
     out = runner.invoke(cli, ["template", "add", "news", "--subject", str(tmp_path / "s.txt"),
                               "--text", str(tmp_path / "t.txt")])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from datetime import timedelta
 
 from click.testing import CliRunner
@@ -62,7 +63,7 @@ def test_451_three_times_then_250_follows_the_schedule(any_db, configure_env) ->
     grey = attempts_of("grey@example.com")
     assert final["grey@example.com"].state.value == "sent"
     assert [a.code for a in grey] == [451, 451, 451, 250]
-    for n, (before, after) in enumerate(zip(grey, grey[1:], strict=False), start=1):
+    for n, (before, after) in enumerate(itertools.pairwise(grey), start=1):
         waited = (after.started_at - before.finished_at).total_seconds()
         expected = backoff.delay(settings.retry, n, rand=lambda: 0.5)  # the un-jittered delay
         assert expected * 0.9 <= waited <= expected * 1.1 + 2, (n, waited, expected)
