@@ -639,6 +639,43 @@ def relay_resume() -> None:
     click.echo(f"relay {name} resumed")
 
 
+@cli.command("verify")
+@click.argument("address")
+def verify_cmd(address: str) -> None:
+    """Ask the relay about ADDRESS with VRFY and say what its reply means."""
+    from mailer.replies import vrfy_meaning
+    from mailer.transport.smtp import SMTPSession
+
+    session = SMTPSession(config.settings().smtp)
+    try:
+        reply = session.verify(address)
+    finally:
+        session.close()
+    click.echo(f"{reply}")
+    click.echo(vrfy_meaning(reply))
+    if reply.code is None:
+        sys.exit(1)
+
+
+@cli.group("smtp")
+def smtp_group() -> None:
+    """The SMTP relay connection."""
+
+
+@smtp_group.command("check")
+def smtp_check() -> None:
+    """Connect to MAILER_SMTP_URL and show each step: connect, EHLO (extensions), STARTTLS,
+    AUTH, NOOP, QUIT. Exits 1 naming the step that failed. The password is never shown."""
+    from mailer.transport import smtp
+
+    relay = config.settings().smtp
+    click.echo(f"relay {relay.redacted()}")
+    ok = smtp.check(relay, lambda step, detail: click.echo(f"{step:9} {detail}"))
+    click.echo("relay OK" if ok else "relay check FAILED")
+    if not ok:
+        sys.exit(1)
+
+
 @cli.command("demo")
 @click.option(
     "--workdir",

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -181,15 +181,17 @@ def _attempt(group: list[_Work], relay: Transport) -> list[Verdict]:
         # a poison message fails alone; the rest of the chunk goes on
         reply = SMTPReply.lost(str(exc))
         return [_verdict(w, reply, Phase.LOCAL, relay.name, False, started) for w in group]
-    verdicts: list[Verdict] = []
     by_address = {w.delivery.recipient: w for w in group}
-    while outgoing.recipients:
-        result = relay.send(outgoing)
-        retry_now = []
+    verdicts: list[Verdict] = []
+    batches = [outgoing.recipients]
+    while batches:
+        batch = batches.pop(0)
+        result = relay.send(replace(outgoing, recipients=batch))
+        again = []
         for r in result.results:
             klass = classify(r.reply, r.phase)
-            if klass is ReplyClass.TOO_MANY_RECIPIENTS and len(outgoing.recipients) > 1:
-                retry_now.append(r.recipient)
+            if klass is ReplyClass.TOO_MANY_RECIPIENTS and len(batch) > 1:
+                again.append(r.recipient)
                 continue
             verdicts.append(
                 Verdict(
@@ -204,9 +206,22 @@ def _attempt(group: list[_Work], relay: Transport) -> list[Verdict]:
                     result.finished,
                 )
             )
-        if len(retry_now) == len(outgoing.recipients):
-            retry_now = retry_now[len(retry_now) // 2 :]  # the server took none: halve the batch
-        outgoing = Outgoing(outgoing.sender, tuple(retry_now), outgoing.data, outgoing.smtputf8)
+        if len(again) == len(batch):  # the server took none of them: halve the transaction
+            batches += [tuple(again[: len(again) // 2]), tuple(again[len(again) // 2 :])]
+        elif again:  # the server took some: the rest go in a new transaction at once
+            batches.append(tuple(again))
+        if any(v.klass.relay_wide for v in verdicts):
+            break
+    decided = {v.recipient for v in verdicts}
+    if len(decided) < len(group):
+        # the relay failed while a too-many-recipients split was under way: the recipients not
+        # yet tried share that failure (relay-wide: no attempt spent)
+        failure = next(v for v in verdicts if v.klass.relay_wide)
+        verdicts += [
+            replace(failure, delivery_id=w.delivery.id, recipient=w.delivery.recipient)
+            for w in group
+            if w.delivery.recipient not in decided
+        ]
     return verdicts
 
 

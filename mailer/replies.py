@@ -275,3 +275,25 @@ def _too_many_recipients(
         _TOO_MANY_RCPT.search(text)
     )
     return detail == _TOO_MANY_RECIPIENTS or by_text
+
+
+def vrfy_meaning(reply: SMTPReply) -> str:
+    """What a reply to VRFY says about the address (RFC 5321 3.5.3)."""
+    code = reply.code
+    if code is None:
+        return "no answer: " + reply.text
+    if code in (ReplyCode.OK, ReplyCode.WILL_FORWARD):
+        return "the server knows this address"
+    if code == ReplyCode.CANNOT_VERIFY:
+        return "the server will not say (most do this); it would accept mail and try to deliver it"
+    if code in (
+        ReplyCode.MAILBOX_UNAVAILABLE,
+        ReplyCode.USER_NOT_LOCAL,
+        ReplyCode.MAILBOX_NAME_INVALID,
+    ):
+        return "the server does not know this address"
+    if code in _PROTOCOL_CODES:
+        return "the server does not support VRFY (or refuses it)"
+    if code // 100 == 4:
+        return "temporary failure: try again later"
+    return "unexpected reply"

@@ -28,8 +28,12 @@ REQUIRE = os.environ.get("MAILER_TEST_REQUIRE_SERVICES") == "1"
 PG_URL = os.environ.get(
     "MAILER_TEST_DATABASE_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test"
 )
-REDIS_URL = os.environ.get("MAILER_TEST_REDIS_URL", "redis://127.0.0.1:6379/9")
-PG_SCHEMA = "mailer_test"
+# a database number per test session (1-15), so that concurrent sessions rarely share one
+REDIS_URL = os.environ.get(
+    "MAILER_TEST_REDIS_URL", f"redis://127.0.0.1:6379/{1 + os.getpid() % 15}"
+)
+# a schema per test session, so that two sessions on one machine never share rows
+PG_SCHEMA = f"mailer_test_{os.getpid()}"
 
 Configure = Callable[..., config.Settings]
 

@@ -38,8 +38,13 @@ def test_every_command_has_help(path: tuple[str, ...], configure_env) -> None:
 
 
 def _mailer(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "mailer", *args], capture_output=True, text=True,
-                          env={**os.environ, **(env or {})}, timeout=60)
+    return subprocess.run(
+        [sys.executable, "-m", "mailer", *args],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **(env or {})},
+        timeout=60,
+    )
 
 
 def test_a_bad_setting_is_one_line_naming_the_variable() -> None:
@@ -51,8 +56,9 @@ def test_a_bad_setting_is_one_line_naming_the_variable() -> None:
 
 
 def test_a_missing_schema_says_to_run_db_upgrade(tmp_path: Path) -> None:
-    result = _mailer("campaign", "status", "1",
-                     env={"MAILER_DATABASE_URL": f"sqlite:///{tmp_path / 'empty.db'}"})
+    result = _mailer(
+        "campaign", "status", "1", env={"MAILER_DATABASE_URL": f"sqlite:///{tmp_path / 'empty.db'}"}
+    )
     assert result.returncode == 1
     assert "run `mailer db upgrade`" in result.stderr
     assert "Traceback" not in result.stderr
@@ -64,11 +70,22 @@ def test_template_campaign_status_and_report(sqlite_db: str, tmp_path: Path) -> 
     rows = "email,name\na@example.com,Ann\nb@example.com,Bob\na@example.com,Ann\n"
     (tmp_path / "r.csv").write_text(rows)
     runner = CliRunner()
-    out = runner.invoke(cli, ["template", "add", "news", "--subject", str(tmp_path / "s.txt"),
-                              "--text", str(tmp_path / "t.txt")])
+    out = runner.invoke(
+        cli,
+        [
+            "template",
+            "add",
+            "news",
+            "--subject",
+            str(tmp_path / "s.txt"),
+            "--text",
+            str(tmp_path / "t.txt"),
+        ],
+    )
     assert out.exit_code == 0 and "version 1" in out.output
-    out = runner.invoke(cli, ["campaign", "send", "--template", "news",
-                              "--recipients", str(tmp_path / "r.csv")])
+    out = runner.invoke(
+        cli, ["campaign", "send", "--template", "news", "--recipients", str(tmp_path / "r.csv")]
+    )
     assert out.exit_code == 0, out.output
     campaign_id = int(out.stdout.strip().splitlines()[-1])
     assert "2 queued" in out.stderr and "1 duplicates dropped" in out.stderr
@@ -90,7 +107,8 @@ def test_campaign_file_without_email_column_is_refused(sqlite_db: str, tmp_path:
     from tests.helpers import add_template
 
     add_template("news")
-    out = CliRunner().invoke(cli, ["campaign", "send", "--template", "news",
-                                   "--recipients", str(tmp_path / "r.csv")])
+    out = CliRunner().invoke(
+        cli, ["campaign", "send", "--template", "news", "--recipients", str(tmp_path / "r.csv")]
+    )
     assert out.exit_code != 0
     assert "no 'email' column" in str(out.exception)

@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import signal
+import time
+
 import pytest
 import redis
+from sqlalchemy import func, select
 
+import mailer
 from mailer import db, enqueue
-from mailer.models import Attempt
+from mailer.models import Attempt, Delivery, DeliveryState
 from tests.helpers import add_template, count, deliveries, wait_until
 
 pytestmark = pytest.mark.integration
@@ -85,3 +90,69 @@ def _summary() -> dict[str, int]:
     for d in deliveries():
         out[d.state.value] = out.get(d.state.value, 0) + 1
     return out
+
+
+def test_transactional_mail_overtakes_a_running_campaign(
+    pg_db, clean_broker, smtp_server, configure_env, worker_process
+) -> None:
+    configure_env(
+        broker_url=clean_broker, smtp_url=smtp_server.url(tls="none"), log_level="WARNING"
+    )
+    add_template()
+    add_template("reset", subject="Reset your password", text="Click {{ link }}\n")
+    total = 20_000
+    rows = ({"email": f"user{i}@example.com", "name": "x"} for i in range(total))
+    enqueue.send_campaign("welcome", rows)
+    worker_process("--concurrency", "2")
+    assert wait_until(
+        lambda: smtp_server.wait_for(200, timeout=0) or len(smtp_server.messages) >= 200, timeout=60
+    ), "the campaign did not start"
+    started = time.monotonic()
+    message_id = mailer.send(
+        template="reset", to="ann@example.com", context={"link": "https://x/r"}
+    )
+    assert wait_until(lambda: _state_of(message_id) == "sent", timeout=120)
+    latency = time.monotonic() - started
+    with db.session_scope() as session:
+        reset_done = session.scalar(
+            select(Delivery.updated_at).where(Delivery.message_id == message_id)
+        )
+        campaign_done = session.scalar(
+            select(func.count())
+            .select_from(Delivery)
+            .where(
+                Delivery.message_id != message_id,
+                Delivery.state == DeliveryState.SENT,
+                Delivery.updated_at <= reset_done,
+            )
+        )
+    print(
+        f"transactional latency during the campaign: {latency:.2f} s; "
+        f"{campaign_done} of {total} campaign messages were sent before it"
+    )
+    assert campaign_done < total / 2
+
+
+def _state_of(message_id: int) -> str | None:
+    with db.session_scope() as session:
+        state = session.scalar(select(Delivery.state).where(Delivery.message_id == message_id))
+    return state.value if state else None
+
+
+def test_a_worker_reuses_sessions_and_quits_each_one(
+    pg_db, clean_broker, smtp_server, configure_env, worker_process
+) -> None:
+    configure_env(
+        broker_url=clean_broker, smtp_url=smtp_server.url(tls="none"), log_level="WARNING"
+    )
+    add_template()
+    enqueue.send_campaign(
+        "welcome", [{"email": f"r{i}@example.com", "name": "x"} for i in range(1000)]
+    )
+    worker = worker_process("--concurrency", "1")
+    assert wait_until(_all_final, timeout=120), _summary()
+    worker.send_signal(signal.SIGTERM)
+    worker.wait(timeout=30)
+    assert len(smtp_server.messages) == 1000
+    assert smtp_server.connections <= 10  # 100 messages per session
+    assert smtp_server.quits == smtp_server.connections  # each session ended with QUIT

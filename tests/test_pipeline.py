@@ -181,3 +181,15 @@ def test_render_failure_fails_that_delivery_alone(any_db: str) -> None:
     }
     [poisoned] = deliveries(recipient="r1@example.com")
     assert "'code' is undefined" in (poisoned.last_reply or "")
+
+
+def test_too_many_recipients_go_in_new_transactions_at_once(any_db: str) -> None:
+    add_template()
+    transport = MemoryTransport(max_recipients=3)
+    to = [f"r{i}@example.com" for i in range(7)]
+    mailer.send(template="welcome", to=to, context={"name": "x"})
+    deliver_chunk(_ids(), transport=transport)
+    assert set(states().values()) == {"sent"}
+    assert [len(t.recipients) for t in transport.transactions] == [7, 4, 1]
+    assert sorted(r for r, _ in transport.sent) == sorted(to)
+    assert all(d.attempts == 1 for d in deliveries())

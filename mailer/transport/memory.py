@@ -10,6 +10,7 @@ from mailer.replies import Phase, ReplyCode, SMTPReply
 from mailer.transport.base import Outgoing, RecipientResult, TransactionResult
 
 _ACCEPTED = SMTPReply.of(ReplyCode.OK, "2.0.0 Ok: queued")
+_TOO_MANY = SMTPReply.of(ReplyCode.INSUFFICIENT_STORAGE, "4.5.3 Too many recipients")
 
 
 class MemoryTransport:
@@ -18,7 +19,8 @@ class MemoryTransport:
 
     name = "memory"
 
-    def __init__(self) -> None:
+    def __init__(self, *, max_recipients: int | None = None) -> None:
+        self.max_recipients = max_recipients  # beyond it, RCPT gets 452 4.5.3
         self._script: dict[str, list[tuple[Phase, SMTPReply]]] = defaultdict(list)
         self.sent: list[tuple[str, bytes]] = []
         self.transactions: list[Outgoing] = []
@@ -39,9 +41,12 @@ class MemoryTransport:
             refused = tuple(RecipientResult(r, reply, phase) for r in outgoing.recipients)
             return TransactionResult(refused, self.name, False, started, clock.now())
         results = []
-        for recipient in outgoing.recipients:
+        for index, recipient in enumerate(outgoing.recipients):
             queued = self._script.get(recipient.lower())
-            phase, reply = queued.pop(0) if queued else (Phase.DOT, _ACCEPTED)
+            if self.max_recipients is not None and index >= self.max_recipients:
+                phase, reply = Phase.RCPT, _TOO_MANY
+            else:
+                phase, reply = queued.pop(0) if queued else (Phase.DOT, _ACCEPTED)
             if reply.code is not None and reply.code < 400 and phase is Phase.DOT:
                 self.sent.append((recipient, outgoing.data))
             results.append(RecipientResult(recipient, reply, phase))

@@ -97,7 +97,7 @@ def _host_and_port(parts: SplitResult) -> tuple[str, int]:
     if ":" in host:
         _ipv6(host, hostport)
     elif _BAD_HOST.search(host):
-        raise ValueError(f"bad host {host!r}: percent-encode special characters in the user")
+        raise ValueError(f"bad host {host!r}: write a host name or address, e.g. mail.example.com")
     return host, port
 
 

@@ -35,12 +35,13 @@ _CRLF = b"\r\n"
 _EOL = re.compile(rb"\r\n|\r(?!\n)|\n")
 _LEADING_DOT = re.compile(rb"(?m)^\.")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
-_ACCEPTED = (ReplyCode.OK, ReplyCode.WILL_FORWARD)
 # the phases in which a lost connection or a refusal means the server accepted nothing yet
 _NOTHING_ACCEPTED = (Phase.MAIL, Phase.RCPT, Phase.DATA)
 # the AUTH mechanisms tried, in order; only one is tried, so a wrong password fails once
 _MECHANISMS = ("PLAIN", "LOGIN", "CRAM-MD5")
-_REPLY_DIGITS = (2, 3, 4, 5)  # RFC 5321 4.2.1: the first digit of every reply
+# RFC 5321 4.2.1: the first digit of every reply, and the one of a positive completion
+_REPLY_DIGITS = (2, 3, 4, 5)
+_POSITIVE_COMPLETION = 2
 
 
 class _Failed(Exception):
@@ -121,8 +122,8 @@ class SMTPSession:
         decided: dict[str, RecipientResult],
     ) -> None:
         """Run one transaction, filling `decided` as replies come in (raises _Failed)."""
-        body = _wire_body(out.data)
-        options = self._mail_options(smtp, out, len(body))
+        message = _EOL.sub(_CRLF, out.data)  # a bare CR or LF is never sent (SMTP smuggling)
+        options = self._mail_options(smtp, out, len(message))
         encoding = "utf-8" if "SMTPUTF8" in options else "ascii"
         commands = [line.encode(encoding) for line in _envelope(out, options)]
         if pipelined:
@@ -131,14 +132,14 @@ class SMTPSession:
         replies = self._replies(smtp, pipelined, commands)
 
         mail = next(replies)
-        mail_ok = mail.code == ReplyCode.OK
+        mail_ok = _positive(mail)
         accepted = []
         for recipient in out.recipients:
             if not mail_ok:
                 decided[recipient] = RecipientResult(recipient, mail, Phase.MAIL)
                 continue
             reply = next(replies)
-            if reply.code in _ACCEPTED:
+            if _positive(reply):
                 accepted.append(recipient)
             else:
                 decided[recipient] = RecipientResult(recipient, reply, Phase.RCPT)
@@ -148,7 +149,7 @@ class SMTPSession:
         if pipelined and not mail_ok:
             for _ in out.recipients:  # the server answers every pipelined RCPT: stay in step
                 next(replies)
-        self._data(smtp, next(replies), accepted, body, decided)
+        self._data(smtp, next(replies), accepted, _dot_stuffed(message), decided)
 
     def _replies(
         self, smtp: smtplib.SMTP, pipelined: bool, commands: list[bytes]
@@ -510,9 +511,8 @@ def _envelope(out: Outgoing, options: list[str]) -> list[str]:
     return [mail, *(f"RCPT TO:<{r}>" for r in out.recipients), "DATA"]
 
 
-def _wire_body(data: bytes) -> bytes:
-    """CRLF line ends (a bare CR or LF is never sent: SMTP smuggling) and dot-stuffing."""
-    body = _LEADING_DOT.sub(b"..", _EOL.sub(_CRLF, data))
+def _dot_stuffed(message: bytes) -> bytes:
+    body = _LEADING_DOT.sub(b"..", message)
     return body if body.endswith(_CRLF) else body + _CRLF
 
 
@@ -553,6 +553,11 @@ def _describe(exc: BaseException) -> str:
     if isinstance(exc, TimeoutError):
         return "timed out waiting for the server"
     return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+
+
+def _positive(reply: SMTPReply) -> bool:
+    # 250 and 251, and any other 2xx a lenient server uses (classify() counts 2xx as accepted)
+    return reply.code is not None and reply.code // 100 == _POSITIVE_COMPLETION
 
 
 def _closes(reply: SMTPReply) -> bool:

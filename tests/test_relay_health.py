@@ -1,0 +1,62 @@
+"""A relay that refuses our configuration pauses; nothing is burned; resuming delivers."""
+
+from __future__ import annotations
+
+from click.testing import CliRunner
+
+import mailer
+from mailer import db, dispatcher, outcomes
+from mailer.cli import cli
+from mailer.delivery import deliver_chunk
+from mailer.testing.smtpserver import ScriptedSMTPServer
+from tests.helpers import add_template, count, deliveries, states
+
+SECRET = "right-password"
+
+
+def _ids() -> list[int]:
+    return [d.id for d in deliveries()]
+
+
+def test_bad_credentials_pause_the_relay_and_keep_everyone_queued(any_db, configure_env) -> None:
+    with ScriptedSMTPServer(auth={"mailer": SECRET}) as server:
+        settings = configure_env(smtp_url=server.url(user="mailer", password="wrong", tls="none"))
+        add_template()
+        mailer.send_campaign(
+            "welcome", [{"email": f"r{i}@example.com", "name": "x"} for i in range(5)]
+        )
+        deliver_chunk(_ids())
+        assert set(states().values()) == {"queued"}
+        assert all(d.attempts == 0 for d in deliveries())
+        assert server.messages == []
+        with db.session_scope() as session:
+            relay = outcomes.relay_state(session, settings.smtp.name)
+            assert relay is not None and "535" in (relay.paused_reason or "")
+        status = CliRunner().invoke(cli, ["relay", "status"])
+        assert "paused: auth: 535" in status.output
+        blocked = dispatcher.run_once(backlog=0)
+        assert blocked.published == 0 and "paused" in (blocked.relay_blocked or "")
+
+        # the operator fixes the password and resumes the relay
+        configure_env(smtp_url=server.url(user="mailer", password=SECRET, tls="none"))
+        assert "resumed" in CliRunner().invoke(cli, ["relay", "resume"]).output
+        assert dispatcher.run_once(backlog=0).published == 5
+        deliver_chunk(_ids())
+        assert set(states().values()) == {"sent"}
+        assert sorted(server.copies().values()) == [1] * 5
+
+
+def test_required_starttls_missing_sends_nothing_and_tries_no_auth(
+    sqlite_db, configure_env
+) -> None:
+    with ScriptedSMTPServer(auth={"mailer": SECRET}) as server:
+        configure_env(smtp_url=server.url(user="mailer", password=SECRET, tls="starttls"))
+        add_template()
+        mailer.send(template="welcome", to="a@example.com", context={"name": "x"})
+        deliver_chunk(_ids())
+        assert states() == {"a@example.com": "queued"}
+        assert "AUTH" not in server.commands and "MAIL" not in server.commands
+        assert server.auth_attempts == 0
+        [delivery] = deliveries()
+        assert delivery.attempts == 0
+    assert count(type(delivery)) == 1
