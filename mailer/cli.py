@@ -336,10 +336,10 @@ def campaign_resume(campaign_id: int) -> None:
 
 
 def _set_paused(campaign_id: int, paused: bool) -> None:
-    from mailer import queries
+    from mailer import outcomes
 
     with db.session_scope() as session:
-        queries.campaign(session, campaign_id).paused = paused
+        outcomes.pause_campaign(session, campaign_id, paused, clock.now())
     click.echo(f"campaign {campaign_id} {'paused' if paused else 'resumed'}")
 
 

@@ -22,14 +22,7 @@ from mailer import clock, compose, db, outcomes, suppressions, templates
 from mailer.config import Settings
 from mailer.config import settings as current_settings
 from mailer.errors import InputError
-from mailer.models import (
-    Campaign,
-    Delivery,
-    DeliveryState,
-    Message,
-    Relay,
-    Template,
-)
+from mailer.models import DeliveryState, Message, Relay, Template
 from mailer.outcomes import Claimed, Verdict
 from mailer.replies import Phase, ReplyClass, SMTPReply, classify
 from mailer.transport.base import Outgoing, Transport
@@ -45,7 +38,7 @@ FLUSH_SECONDS = 1.0
 
 @dataclass
 class _Work:
-    delivery: Delivery
+    delivery: Claimed
     message: Message
     template: Template
 
@@ -63,21 +56,14 @@ def deliver_chunk(
     s = settings or current_settings()
     relay = transport or session_for(s.smtp)
     now = clock.now()
-    budget = s.lease_seconds / 2
-    lease = db.retrying(
-        lambda db_: outcomes.claim(db_, ids, now, s.lease_seconds),
+    lease = now + timedelta(seconds=s.lease_seconds)
+    work, closed = db.retrying(
+        lambda db_: _claim(db_, ids, lease, relay.name, now),
         what="claiming deliveries",
-        budget=budget,
+        budget=s.lease_seconds / 2,
     )
-    if lease is None:
-        return ChunkReport()
-    work, held = db.retrying(
-        lambda db_: _load(db_, ids, lease, relay.name, now),
-        what="loading claimed deliveries",
-        budget=budget,
-    )
-    report = ChunkReport(claimed=len(work) + held)
-    recorder = _Recorder(s, lease, {w.delivery.id: _claimed(w.delivery, lease) for w in work})
+    report = ChunkReport(claimed=len(work) + closed)
+    recorder = _Recorder(s, lease, {w.delivery.id: w.delivery for w in work})
     groups = list(_transactions(work))
     for index, group in enumerate(groups):
         verdicts = _attempt(group, relay)
@@ -94,68 +80,50 @@ def deliver_chunk(
     return report
 
 
-def _claimed(d: Delivery, lease: datetime) -> Claimed:
-    return Claimed(id=d.id, attempts=d.attempts, created_at=d.created_at, lease_until=lease)
-
-
-def _load(
+def _claim(
     session: Session, ids: Sequence[int], lease: datetime, relay: str, now: datetime
 ) -> tuple[list[_Work], int]:
-    """The deliveries this worker claimed; those that must not be sent now are closed or handed
-    back here (returns the work and how many were held back)."""
-    rows = session.execute(
-        select(Delivery, Message, Template, Campaign.paused)
-        .join(Message, Delivery.message_id == Message.id)
+    """Claim what is due among `ids` and load what sending it needs, in one transaction.
+    Deliveries that must not go out (suppressed, expired) are closed here; while the relay is
+    paused or resting nothing is claimed. Returns the work and how many were closed."""
+    wait = _relay_wait(outcomes.relay_state(session, relay), now)
+    if wait is not None:
+        outcomes.postpone(session, ids, wait, now)
+        return [], 0
+    claimed = outcomes.claim(session, ids, now, lease)
+    if not claimed:
+        return [], 0
+    loaded = session.execute(
+        select(Message, Template)
         .join(Template, Message.template_id == Template.id)
-        .outerjoin(Campaign, Message.campaign_id == Campaign.id)
-        .where(Delivery.id.in_(ids), Delivery.state == S.SENDING, Delivery.lease_until == lease)
-        .order_by(Delivery.id)
+        .where(Message.id.in_({c.message_id for c in claimed}))
     ).all()
-    keys = [d.recipient.lower() for d, *_ in rows]
-    suppressed = suppressions.suppressed(session, keys)
-    state = outcomes.relay_state(session, relay)
+    messages = {message.id: (message, template) for message, template in loaded}
+    suppressed = suppressions.suppressed(session, [c.recipient.lower() for c in claimed])
     closed: dict[int, tuple[DeliveryState, str]] = {}
-    paused: list[int] = []
     work: list[_Work] = []
-    for delivery, message, template, campaign_paused in rows:
+    for c in claimed:
+        message, template = messages[c.message_id]
         if message.expires_at is not None and now >= message.expires_at:
-            closed[delivery.id] = (
-                S.EXPIRED,
-                f"message expired at {message.expires_at.isoformat()}",
-            )
-        elif delivery.recipient.lower() in suppressed:
-            closed[delivery.id] = (
-                S.SUPPRESSED,
-                f"suppressed: {suppressed[delivery.recipient.lower()]}",
-            )
-        elif campaign_paused:
-            paused.append(delivery.id)
+            closed[c.id] = (S.EXPIRED, f"message expired at {message.expires_at.isoformat()}")
+        elif c.recipient.lower() in suppressed:
+            closed[c.id] = (S.SUPPRESSED, f"suppressed: {suppressed[c.recipient.lower()]}")
         else:
-            work.append(_Work(delivery, message, template))
-    outcomes.finish_unsent(session, closed, lease, now)
-    outcomes.release(session, paused, lease, state=S.QUEUED, not_before=now, now=now)
-    wait = _relay_wait(state, now)
-    if wait is not None and work:
-        outcomes.release(
-            session,
-            [w.delivery.id for w in work],
-            lease,
-            state=wait[0],
-            not_before=wait[1],
-            now=now,
-        )
-        return [], len(rows)
-    return work, len(closed) + len(paused)
+            work.append(_Work(c, message, template))
+    if closed:
+        outcomes.finish_unsent(session, closed, lease, now)
+    return work, len(closed)
 
 
-def _relay_wait(state: Relay | None, now: datetime) -> tuple[DeliveryState, datetime] | None:
-    """How to hand work back while the relay is paused (queued) or resting (deferred)."""
+def _relay_wait(state: Relay | None, now: datetime) -> datetime | None:
+    """Until when the relay cannot be used: paused (until resumed: due now, and the dispatcher
+    holds back while it is paused) or resting after throttling; None when it is usable."""
     if state is None:
         return None
     if state.paused_reason:
-        return S.QUEUED, now
+        return now
     if state.backoff_until is not None and state.backoff_until > now:
-        return S.DEFERRED, state.backoff_until
+        return state.backoff_until
     return None
 
 
@@ -304,7 +272,9 @@ class _Recorder:
         if batch:
             now = clock.now()
             db.retrying(
-                lambda db_: outcomes.record(db_, batch, self.claimed, self.settings, now),
+                lambda db_: outcomes.record(
+                    db_, batch, self.claimed, self.lease, self.settings, now
+                ),
                 what="recording outcomes",
                 budget=self.settings.lease_seconds / 2,
             )

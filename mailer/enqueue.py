@@ -18,7 +18,7 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from mailer import addresses, clock, compose, db, publish, suppressions, templates
+from mailer import addresses, bulk, clock, compose, db, publish, suppressions, templates
 from mailer.config import settings
 from mailer.errors import InputError
 from mailer.models import (
@@ -79,10 +79,8 @@ def send(
         _check_renders(tmpl, message, {"email": recipients[0].normalized, **ctx})
         unique = {a.key: a for a in recipients}.values()
         suppressed = _suppressed(session, [a.key for a in unique])
-        session.execute(
-            db.dialect_insert(session)(Delivery).on_conflict_do_nothing(),
-            [_delivery_row(message, a, None, suppressed, now) for a in unique],
-        )
+        rows = [_delivery_row(message, a, None, suppressed, now) for a in unique]
+        bulk.insert_rows(session, Delivery.__table__, rows, ignore_conflicts=True)
         ids = _queued_ids(session, message.id)
         message_id = message.id
     if _due(send_at, now):
@@ -144,8 +142,7 @@ def send_campaign(
             rows = _campaign_rows(
                 session, tmpl, message, ctx, batch, now, result, skip_invalid, first=seen == 0
             )
-            if rows:
-                session.execute(db.dialect_insert(session)(Delivery).on_conflict_do_nothing(), rows)
+            bulk.insert_rows(session, Delivery.__table__, rows, ignore_conflicts=True)
             seen += len(batch)
             if progress:
                 progress(seen)

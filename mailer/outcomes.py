@@ -14,12 +14,21 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Select, and_, bindparam, delete, func, insert, or_, select, update
+from sqlalchemy import Select, and_, bindparam, delete, func, or_, select, update
 from sqlalchemy.orm import Session
 
-from mailer import backoff, db, suppressions
+from mailer import backoff, bulk, db, suppressions
 from mailer.config import Settings
-from mailer.models import Attempt, Delivery, DeliveryState, Relay, Suppression
+from mailer.errors import NotFound
+from mailer.models import (
+    Attempt,
+    Campaign,
+    Delivery,
+    DeliveryState,
+    Message,
+    Relay,
+    Suppression,
+)
 from mailer.replies import Phase, ReplyClass, SMTPReply
 
 log = logging.getLogger(__name__)
@@ -43,12 +52,14 @@ class Verdict:
 
 @dataclass(frozen=True)
 class Claimed:
-    """What `record` needs to know of a claimed delivery to decide its next state."""
+    """A delivery as the claim returned it: all a worker needs to send and record it."""
 
     id: int
+    message_id: int
+    recipient: str
+    context: dict[str, Any] | None
     attempts: int
     created_at: datetime
-    lease_until: datetime
 
 
 # --- claim -------------------------------------------------------------------------------------
@@ -61,19 +72,40 @@ def claimable(now: datetime) -> Any:
     )
 
 
-def claim(
-    session: Session, ids: Sequence[int], now: datetime, lease_seconds: float
-) -> datetime | None:
-    """Take the due deliveries among `ids` for this worker; returns the lease (the fencing
-    token for `record`), or None if another worker holds or finished them all."""
-    lease = now + timedelta(seconds=lease_seconds)
-    claimed = session.scalars(
+def claim(session: Session, ids: Sequence[int], now: datetime, lease: datetime) -> list[Claimed]:
+    """Take the due deliveries among `ids` for this worker until `lease` (which then fences
+    `record`); an empty list when another worker holds or finished them all. Deliveries of a
+    paused campaign are not taken."""
+    paused = (
+        select(Campaign.id)
+        .join(Message, Message.campaign_id == Campaign.id)
+        .where(Message.id == Delivery.message_id, Campaign.paused.is_(True))
+        .exists()
+    )
+    rows = session.execute(
         update(Delivery)
-        .where(Delivery.id.in_(ids), claimable(now))
+        .where(Delivery.id.in_(ids), claimable(now), ~paused)
         .values(state=S.SENDING, lease_until=lease, updated_at=now)
-        .returning(Delivery.id)
+        .returning(
+            Delivery.id,
+            Delivery.message_id,
+            Delivery.recipient,
+            Delivery.context,
+            Delivery.attempts,
+            Delivery.created_at,
+        )
     ).all()
-    return lease if claimed else None
+    return sorted((Claimed(*row) for row in rows), key=lambda c: c.id)
+
+
+def postpone(session: Session, ids: Sequence[int], until: datetime, now: datetime) -> None:
+    """The relay cannot be used now: these wait (unclaimed, nothing spent) until `until`, and
+    the dispatcher wakes them when it is due and the relay is usable again."""
+    session.execute(
+        update(Delivery)
+        .where(Delivery.id.in_(ids), Delivery.state.in_([S.QUEUED, S.DEFERRED]))
+        .values(next_attempt_at=until, updated_at=now)
+    )
 
 
 # --- record ------------------------------------------------------------------------------------
@@ -83,6 +115,7 @@ def record(
     session: Session,
     verdicts: Sequence[Verdict],
     claimed: dict[int, Claimed],
+    lease: datetime,
     settings: Settings,
     now: datetime,
 ) -> int:
@@ -90,9 +123,16 @@ def record(
     number means a lease had run out and another worker owns those deliveries now)."""
     if not verdicts:
         return 0
-    session.execute(insert(Attempt), [_attempt_row(v) for v in verdicts])
+    bulk.insert_rows(session, Attempt.__table__, [_attempt_row(v) for v in verdicts])
     rows = [_state_row(v, claimed[v.delivery_id], settings, now) for v in verdicts]
-    changed = _update_fenced(session, rows)
+    changed = bulk.update_rows(
+        session,
+        Delivery.__table__,
+        "id",
+        rows,
+        fence={"state": S.SENDING.value, "lease_until": lease},
+        constant={"lease_until": None, "updated_at": now},
+    )
     bounced = [v for v in verdicts if v.klass is ReplyClass.HARD_BOUNCE]
     if bounced:
         suppressions.add(
@@ -127,16 +167,14 @@ def _attempt_row(v: Verdict) -> dict[str, Any]:
 def _state_row(v: Verdict, c: Claimed, settings: Settings, now: datetime) -> dict[str, Any]:
     state, attempts, when = _next_state(v, c, settings, now)
     return {
-        "b_id": c.id,
-        "b_lease": c.lease_until,
-        "state": state,
+        "id": c.id,
+        "state": state.value,
         "attempts": attempts,
         "next_attempt_at": when,
         "last_phase": v.phase.value,
         "last_code": v.reply.code,
         "last_enhanced": v.reply.enhanced,
         "last_reply": v.reply.text,
-        "updated_at": now,
     }
 
 
@@ -176,32 +214,6 @@ def _next_state(
     return (S.EXPIRED, failures, now) if when is None else (S.DEFERRED, failures, when)
 
 
-_FENCED_UPDATE = (
-    update(Delivery)
-    .where(
-        Delivery.id == bindparam("b_id"),
-        Delivery.state == S.SENDING,
-        Delivery.lease_until == bindparam("b_lease"),
-    )
-    .values(
-        state=bindparam("state"),
-        attempts=bindparam("attempts"),
-        next_attempt_at=bindparam("next_attempt_at"),
-        lease_until=None,
-        last_phase=bindparam("last_phase"),
-        last_code=bindparam("last_code"),
-        last_enhanced=bindparam("last_enhanced"),
-        last_reply=bindparam("last_reply"),
-        updated_at=bindparam("updated_at"),
-    )
-)
-
-
-def _update_fenced(session: Session, rows: list[dict[str, Any]]) -> int:
-    result = session.connection().execute(_FENCED_UPDATE, rows)
-    return result.rowcount if result.rowcount >= 0 else len(rows)
-
-
 def _relay_health(
     session: Session, verdicts: Sequence[Verdict], settings: Settings, now: datetime
 ) -> None:
@@ -227,7 +239,7 @@ def release(
     not_before: datetime,
     now: datetime,
 ) -> None:
-    """Hand claimed deliveries back untouched (relay paused or resting, campaign paused)."""
+    """Hand claimed deliveries back untried (the relay failed part-way through a chunk)."""
     session.execute(
         update(Delivery)
         .where(
@@ -327,6 +339,22 @@ _CANCELLABLE = (S.QUEUED, S.DEFERRED, S.UNKNOWN)
 def _slices(ids: list[int], size: int = 5000) -> Iterable[list[int]]:
     for start in range(0, len(ids), size):
         yield ids[start : start + size]
+
+
+def pause_campaign(session: Session, campaign_id: int, paused: bool, now: datetime) -> None:
+    """Pause: no more of its deliveries are claimed (in-flight ones finish). Resume: the
+    dispatcher wakes every waiting delivery on its next pass."""
+    found = session.get(Campaign, campaign_id)
+    if found is None:
+        raise NotFound(f"no campaign {campaign_id}")
+    found.paused = paused
+    if not paused:
+        waiting = select(Message.id).where(Message.campaign_id == campaign_id)
+        session.execute(
+            update(Delivery)
+            .where(Delivery.message_id.in_(waiting), Delivery.state.in_([S.QUEUED, S.DEFERRED]))
+            .values(published_at=None, updated_at=now)
+        )
 
 
 def pause_relay(session: Session, name: str, reason: str, now: datetime) -> None:
