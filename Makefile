@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: demo test faults bench lint clean
+.PHONY: demo test faults slow bench lint clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -20,6 +20,9 @@ test: $(STAMP)  ## unit and integration tests (real Redis/PostgreSQL when reacha
 
 faults: $(STAMP)  ## the fault suite: kills real processes, restarts Redis, cuts the database
 	$(PY) -m pytest -m faults -s
+
+slow: $(STAMP)  ## long measurements: a million-row campaign's enqueue time and memory
+	$(PY) -m pytest -m slow -s
 
 bench: $(STAMP)  ## side-by-side throughput benchmark; writes bench/results/latest.json
 	$(PY) bench/run.py

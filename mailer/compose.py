@@ -1,6 +1,6 @@
 """Pure: rendered parts and an envelope become RFC 5322 bytes, or a clear refusal.
 
-Header values are checked for CR, LF and NUL after rendering, including inside RFC 2047
+Header values are checked for line breaks and NUL after rendering, including inside RFC 2047
 encoded words: the Python on our hosts (3.11.7) serialises such a header as a new header
 line (CVE-2024-6923). Recipients never come from headers: the transport gets them explicitly.
 """
@@ -11,7 +11,6 @@ import email.policy
 import re
 from collections.abc import Mapping, Sequence
 from datetime import datetime
-from email.header import decode_header
 from email.message import EmailMessage
 from email.utils import format_datetime
 
@@ -33,9 +32,10 @@ RESERVED = frozenset(
         "content-transfer-encoding",
     }
 )
-_FIELD_NAME = re.compile(r"^[!-9;-~]+$")  # RFC 5322 2.2: printable ASCII except ":"
-_ENCODED_WORD = re.compile(r"=\?[^?\s]+\?[bBqQ]\?[^?\s]*\?=")
-_FORBIDDEN = ("\r", "\n", "\0")
+_FIELD_NAME = re.compile(r"[!-9;-~]{1,76}")  # RFC 5322 2.2: printable ASCII except ":"
+# CR, LF, NUL and every other character str.splitlines() breaks on: the email package refuses
+# those with a bare ValueError, or (decoded from an encoded word) writes them out as a new line
+LINE_BREAK = re.compile("[\r\n\0\v\f\x1c\x1d\x1e\x85\u2028\u2029]")
 _POLICY = email.policy.SMTP
 _POLICY_UTF8 = email.policy.SMTPUTF8
 
@@ -48,24 +48,27 @@ def message_id(token: str, domain: str, delivery_id: int | None) -> str:
 
 
 def check_header(name: str, value: str) -> None:
-    if any(ch in value for ch in _FORBIDDEN):
+    """Refuse a value that is, or decodes to, more than one header line."""
+    if LINE_BREAK.search(value):
         raise HeaderInjection(name, value)
-    for word in _ENCODED_WORD.findall(value):
+    if "=?" in value:
+        # decode the way the email package will when it writes the header, so that no charset
+        # trick (unknown, RFC 2231 language, unknown-8bit) decodes differently here and there
         try:
-            decoded = "".join(
-                part.decode(charset or "ascii", "replace") if isinstance(part, bytes) else part
-                for part, charset in decode_header(word)
-            )
-        except (LookupError, ValueError):
-            continue  # an undecodable word stays literal text: it cannot become a new line
-        if any(ch in decoded for ch in _FORBIDDEN):
+            decoded = str(_POLICY.header_factory(name, value))
+        except ValueError:  # an address header refusing a decoded CR/LF
+            raise HeaderInjection(name, value) from None
+        if LINE_BREAK.search(decoded):
             raise HeaderInjection(name, value)
 
 
 def check_extra_headers(headers: Mapping[str, str]) -> None:
     for name, value in headers.items():
-        if not _FIELD_NAME.match(name):
-            raise InputError(f"header name {name!r} is not a valid field name")
+        if not isinstance(name, str) or not _FIELD_NAME.fullmatch(name):
+            raise InputError(
+                f"header name {name!r} is not a valid field name: use 1 to 76 printable ASCII "
+                "characters without spaces or ':' (e.g. List-Unsubscribe)"
+            )
         if name.lower() in RESERVED:
             raise InputError(f"header {name!r} is set by mailer; pass it as a parameter instead")
         if not isinstance(value, str):
@@ -95,7 +98,10 @@ def build(
     msg["Date"] = format_datetime(date)
     msg["Message-ID"] = msg_id
     for name, value in headers.items():
-        msg[name] = value
+        try:
+            msg[name] = value
+        except ValueError as exc:  # e.g. an address header (Reply-To) it cannot parse
+            raise InputError(f"header {name!r} cannot be written: {exc}") from None
     msg.set_content(rendered.text)
     if rendered.html is not None:
         msg.add_alternative(rendered.html, subtype="html")

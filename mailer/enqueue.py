@@ -55,6 +55,7 @@ def send(
     recipients = [addresses.parse(a) for a in ([to] if isinstance(to, str) else to)]
     if not recipients:
         raise InputError("no recipients")
+    _no_nul(idempotency_key, "idempotency_key")
     ctx = _context(context)
     now = clock.now()
     with db.session_scope() as session:
@@ -114,6 +115,7 @@ def send_campaign(
 ) -> CampaignResult:
     """Queue one templated message to a stream of recipients (each a mapping with "email" and
     its own context). The stream is read once, in batches, never held in memory whole."""
+    _no_nul(name, "campaign name")
     ctx = _context(context)
     now = clock.now()
     with db.session_scope() as session:
@@ -179,7 +181,7 @@ def _campaign_rows(
     for line, row in batch:
         try:
             address = addresses.parse(str(row.get("email", "")))
-            own = {k: v for k, v in row.items()}
+            own = _context(row)
             _check_headers(compiled, message, {**ctx, **own})
             if first and not parsed:
                 _check_renders(tmpl, message, {**ctx, **own})
@@ -259,17 +261,27 @@ def _check_headers(compiled: templates.Compiled, message: Message, context: dict
 
 
 def _context(context: Mapping[str, Any] | None) -> dict[str, Any]:
+    """A template context as it will be stored: JSON, not too big, and no NUL (PostgreSQL
+    cannot store one, and no mail should carry one)."""
     ctx = dict(context or {})
     try:
-        size = len(json.dumps(ctx))
+        encoded = json.dumps(ctx)
     except (TypeError, ValueError) as exc:
         raise InputError(f"the context must be JSON: {exc}") from None
-    if size > MAX_CONTEXT_BYTES:
+    if len(encoded) > MAX_CONTEXT_BYTES:
         raise InputError(
-            f"the context is {size / 1024:.0f} KiB; the limit is {MAX_CONTEXT_BYTES // 1024} KiB "
-            "(store large data elsewhere and pass a reference)"
+            f"the context is {len(encoded) / 1024:.0f} KiB; the limit is "
+            f"{MAX_CONTEXT_BYTES // 1024} KiB (store large data elsewhere and pass a reference)"
         )
+    if "\\u0000" in encoded:
+        name = next(k for k, v in ctx.items() if "\\u0000" in json.dumps({k: v}))
+        raise InputError(f"the context value {name!r} contains a NUL character; remove it")
     return ctx
+
+
+def _no_nul(value: str | None, what: str) -> None:
+    if value is not None and "\0" in value:
+        raise InputError(f"the {what} contains a NUL character; remove it")
 
 
 def _delivery_row(

@@ -2,15 +2,22 @@
 
 Subject and text render without escaping; HTML autoescapes. Every undefined variable is an
 error (StrictUndefined), and the immutable sandbox refuses attribute walks such as
-`''.__class__` and unsafe `str.format` calls.
+`''.__class__` and unsafe `str.format` calls. On top of the sandbox: a template naming a
+private attribute (`_x`, `'__class__'` in a string) is refused when it is added; only plain
+data may be printed (never the repr of a function, class or the template object); and `*` and
+`**` cannot build values big enough to take a worker's memory or CPU.
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Any
 
 import jinja2
+from jinja2 import nodes
+from jinja2.exceptions import SecurityError
+from jinja2.runtime import Context
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
@@ -19,10 +26,56 @@ from mailer import clock
 from mailer.errors import NotFound, TemplateError
 from mailer.models import Template
 
-_plain = ImmutableSandboxedEnvironment(
-    undefined=jinja2.StrictUndefined, autoescape=False, keep_trailing_newline=True
+MAX_OUTPUT = 10 * 2**20  # characters one part may render to: more cannot be mail
+MAX_REPEAT = 100_000  # characters or items one `*` may build
+MAX_BITS = 4096  # the size of a number one `*` or `**` may build
+_DUNDER = re.compile(r"__\w*")
+# what `{{ }}` may print as it is; Undefined too, so that StrictUndefined says what is missing
+_PLAIN = (str, int, float, type(None), jinja2.Undefined)
+
+
+def _printable(value: Any) -> Any:
+    """Jinja's finalize: what `{{ }}` prints must be data, never an object's repr."""
+    if isinstance(value, _PLAIN):
+        return value
+    if isinstance(value, list | tuple) and all(_printable(v) is v for v in value):
+        return value
+    if isinstance(value, dict) and all(_printable(v) is v for v in (*value, *value.values())):
+        return value
+    raise SecurityError(
+        f"cannot print a {type(value).__name__} object; print text, numbers, lists or dicts"
+    )
+
+
+class _Sandbox(ImmutableSandboxedEnvironment):
+    intercepted_binops = frozenset({"*", "**"})
+
+    def call_binop(self, context: Context, operator: str, left: Any, right: Any) -> Any:
+        _check_size(operator, left, right)
+        return super().call_binop(context, operator, left, right)
+
+
+def _check_size(operator: str, left: Any, right: Any) -> None:
+    """Refuse a `*` or `**` whose result would take a worker's memory or CPU."""
+    if isinstance(left, int) and isinstance(right, int):
+        bits = abs(left).bit_length()
+        bits = bits * right if operator == "**" else bits + abs(right).bit_length()
+        if bits > MAX_BITS:
+            raise SecurityError(f"'{operator}' would build a number of more than {MAX_BITS} bits")
+        return
+    for seq, times in ((left, right), (right, left)):
+        repeats = isinstance(seq, str | list | tuple) and isinstance(times, int)
+        if repeats and len(seq) * times > MAX_REPEAT:
+            raise SecurityError(f"'*' would build more than {MAX_REPEAT:,} characters or items")
+
+
+_plain = _Sandbox(
+    undefined=jinja2.StrictUndefined,
+    autoescape=False,
+    keep_trailing_newline=True,
+    finalize=_printable,
 )
-_html = ImmutableSandboxedEnvironment(undefined=jinja2.StrictUndefined, autoescape=True)
+_html = _Sandbox(undefined=jinja2.StrictUndefined, autoescape=True, finalize=_printable)
 
 
 @dataclass(frozen=True)
@@ -40,44 +93,71 @@ class Compiled:
     html: jinja2.Template | None
 
     def render_subject(self, context: dict[str, Any]) -> str:
-        try:
-            return self.subject.render(context)
-        except jinja2.TemplateError as exc:
-            raise TemplateError(
-                f"template {self.label} (subject) failed to render: {exc}"
-            ) from None
+        return _render(self.subject, context, f"template {self.label} (subject)")
 
     def render(self, context: dict[str, Any]) -> Rendered:
-        part = "subject"
-        try:
-            subject = self.subject.render(context)
-            part = "text"
-            text = self.text.render(context)
-            part = "html"
-            html = self.html.render(context) if self.html is not None else None
-        except jinja2.TemplateError as exc:
-            raise TemplateError(f"template {self.label} ({part}) failed to render: {exc}") from None
-        except (TypeError, ValueError, ArithmeticError, LookupError) as exc:
+        return Rendered(
+            subject=self.render_subject(context),
+            text=_render(self.text, context, f"template {self.label} (text)"),
+            html=(
+                _render(self.html, context, f"template {self.label} (html)")
+                if self.html is not None
+                else None
+            ),
+        )
+
+
+def _render(template: jinja2.Template, context: dict[str, Any], what: str) -> str:
+    parts: list[str] = []
+    size = 0
+    try:
+        for part in template.generate(context):
+            size += len(part)
+            if size > MAX_OUTPUT:
+                raise TemplateError(
+                    f"{what} failed to render: the output is over {MAX_OUTPUT:,} characters"
+                )
+            parts.append(part)
+    except jinja2.TemplateError as exc:
+        raise TemplateError(f"{what} failed to render: {exc}") from None
+    except (TypeError, ValueError, ArithmeticError, LookupError, RecursionError) as exc:
+        raise TemplateError(f"{what} failed to render: {type(exc).__name__}: {exc}") from None
+    return "".join(parts)
+
+
+def _compile(env: jinja2.Environment, source: str, what: str) -> jinja2.Template:
+    """Compile, refusing syntax errors and private names with the part and line named."""
+    try:
+        tree = env.parse(source)
+    except jinja2.TemplateSyntaxError as exc:
+        raise TemplateError(f"{what}, line {exc.lineno}: {exc.message}") from None
+    for node in tree.find_all((nodes.Getattr, nodes.Const)):
+        name = _private_name(node)
+        if name is not None:
             raise TemplateError(
-                f"template {self.label} ({part}) failed to render: {type(exc).__name__}: {exc}"
-            ) from None
-        return Rendered(subject=subject, text=text, html=html)
+                f"{what}, line {node.lineno}: {name!r} is not allowed; a template may use the "
+                "context's values and their public attributes, never names starting with '_'"
+            )
+    return env.from_string(tree)
+
+
+def _private_name(node: nodes.Node) -> str | None:
+    if isinstance(node, nodes.Getattr) and node.attr.startswith("_"):
+        return node.attr
+    if isinstance(node, nodes.Const) and isinstance(node.value, str):
+        found = _DUNDER.search(node.value)  # x['__class__'], '{0.__class__}'.format(x), attr()
+        return found.group() if found else None
+    return None
 
 
 def compile_parts(label: str, subject: str, text: str, html: str | None) -> Compiled:
     """Compile the three parts, or raise TemplateError naming the part and line."""
-    part = "subject"
-    try:
-        compiled_subject = _plain.from_string(subject)
-        part = "text"
-        compiled_text = _plain.from_string(text)
-        part = "html"
-        compiled_html = _html.from_string(html) if html is not None else None
-    except jinja2.TemplateSyntaxError as exc:
-        raise TemplateError(
-            f"template {label} ({part}), line {exc.lineno}: {exc.message}"
-        ) from None
-    return Compiled(label, compiled_subject, compiled_text, compiled_html)
+    return Compiled(
+        label,
+        _compile(_plain, subject, f"template {label} (subject)"),
+        _compile(_plain, text, f"template {label} (text)"),
+        _compile(_html, html, f"template {label} (html)") if html is not None else None,
+    )
 
 
 # Keyed by content, not by id: ids repeat across databases (tests, a restored backup).
@@ -104,15 +184,9 @@ def render_headers(headers: dict[str, str], context: dict[str, Any]) -> dict[str
     key = tuple(headers.items())
     compiled_headers = _header_cache.get(key)
     if compiled_headers is None:
-        try:
-            compiled_headers = {k: _plain.from_string(v) for k, v in headers.items()}
-        except jinja2.TemplateSyntaxError as exc:
-            raise TemplateError(f"a header template does not compile: {exc.message}") from None
+        compiled_headers = {k: _compile(_plain, v, f"header {k!r}") for k, v in headers.items()}
         _header_cache[key] = compiled_headers
-    try:
-        return {name: t.render(context) for name, t in compiled_headers.items()}
-    except jinja2.TemplateError as exc:
-        raise TemplateError(f"a header failed to render: {exc}") from None
+    return {name: _render(t, context, f"header {name!r}") for name, t in compiled_headers.items()}
 
 
 def add(session: Session, name: str, subject: str, text: str, html: str | None = None) -> Template:
@@ -122,6 +196,11 @@ def add(session: Session, name: str, subject: str, text: str, html: str | None =
         raise TemplateError("a template needs a name")
     if not subject:
         raise TemplateError(f"template {name!r}: the subject is empty")
+    if len(subject.splitlines()) > 1:
+        raise TemplateError(f"template {name!r}: the subject must be one line")
+    for part, source in (("name", name), ("subject", subject), ("text", text), ("html", html)):
+        if source is not None and "\0" in source:  # PostgreSQL cannot store it; nor can mail
+            raise TemplateError(f"template {name!r}: the {part} contains a NUL character")
     compile_parts(repr(name), subject, text, html)
     version = session.scalar(select(func.max(Template.version)).where(Template.name == name))
     template = Template(
