@@ -7,11 +7,12 @@ line (CVE-2024-6923). Recipients never come from headers: the transport gets the
 
 from __future__ import annotations
 
+import binascii
 import email.policy
 import re
+import secrets
 from collections.abc import Mapping, Sequence
 from datetime import datetime
-from email.message import EmailMessage
 from email.utils import format_datetime
 
 from mailer.errors import HeaderInjection, InputError
@@ -38,6 +39,8 @@ _FIELD_NAME = re.compile(r"[!-9;-~]{1,76}")  # RFC 5322 2.2: printable ASCII exc
 LINE_BREAK = re.compile("[\r\n\0\v\f\x1c\x1d\x1e\x85\u2028\u2029]")
 _POLICY = email.policy.SMTP
 _POLICY_UTF8 = email.policy.SMTPUTF8
+_SHORT_LINE = 76  # RFC 5322 2.1.1: lines SHOULD stay within 78 characters
+_MAX_LINE = 998  # RFC 5322 2.1.1: and MUST within 998
 
 
 def message_id(token: str, domain: str, delivery_id: int | None) -> str:
@@ -84,30 +87,76 @@ def build(
     msg_id: str,
     date: datetime,
     headers: Mapping[str, str],
-) -> EmailMessage:
-    subject = rendered.subject
-    check_header("Subject", subject)
+    smtputf8: bool = False,
+) -> bytes:
+    """The message as RFC 5322 bytes with CRLF line ends: text/plain, or
+    multipart/alternative when there is HTML.
+
+    Assembled here from the email package's encoders rather than by EmailMessage, which costs
+    about 1.1 ms a message against 0.04 ms here (BENCHMARKS.md): header values that are plain
+    ASCII and short go out as they are; any other value is folded and encoded by the email
+    package's own policy. Bodies are 7bit when they can be, else quoted-printable.
+    """
+    check_header("Subject", rendered.subject)
     check_header("From", from_addr)
     for address in to:
         check_header("To", address)
     check_extra_headers(headers)
-    msg = EmailMessage(policy=_POLICY)
-    msg["From"] = from_addr
-    msg["To"] = ", ".join(to)
-    msg["Subject"] = subject
-    msg["Date"] = format_datetime(date)
-    msg["Message-ID"] = msg_id
-    for name, value in headers.items():
-        try:
-            msg[name] = value
-        except ValueError as exc:  # e.g. an address header (Reply-To) it cannot parse
-            raise InputError(f"header {name!r} cannot be written: {exc}") from None
-    msg.set_content(rendered.text)
-    if rendered.html is not None:
-        msg.add_alternative(rendered.html, subtype="html")
-    return msg
+    policy = _POLICY_UTF8 if smtputf8 else _POLICY
+    fields = [
+        ("From", from_addr),
+        ("To", ", ".join(to)),
+        ("Subject", rendered.subject),
+        ("Date", format_datetime(date)),
+        ("Message-ID", msg_id),
+        *headers.items(),
+    ]
+    head = "".join(_field(name, value, policy) for name, value in fields) + "MIME-Version: 1.0\r\n"
+    text = _part(rendered.text, "plain")
+    if rendered.html is None:
+        return head.encode() + text
+    html = _part(rendered.html, "html")
+    boundary = "=_" + secrets.token_hex(12)
+    while boundary.encode() in text or boundary.encode() in html:  # pragma: no cover - 2**-96
+        boundary = "=_" + secrets.token_hex(12)
+    # the CRLF before a delimiter belongs to the delimiter: the extra one keeps each part's
+    # own final line break
+    return b"".join(
+        (
+            head.encode(),
+            f'Content-Type: multipart/alternative; boundary="{boundary}"\r\n\r\n'.encode(),
+            f"--{boundary}\r\n".encode(),
+            text,
+            f"\r\n--{boundary}\r\n".encode(),
+            html,
+            f"\r\n--{boundary}--\r\n".encode(),
+        )
+    )
 
 
-def to_bytes(msg: EmailMessage, *, smtputf8: bool) -> bytes:
-    """Serialise with CRLF line ends; SMTPUTF8 keeps non-ASCII addresses as UTF-8."""
-    return msg.as_bytes(policy=_POLICY_UTF8 if smtputf8 else _POLICY)
+def _field(name: str, value: str, policy: email.policy.EmailPolicy) -> str:
+    if value.isascii() and len(name) + len(value) < _SHORT_LINE:
+        return f"{name}: {value}\r\n"
+    if policy.utf8 and len(name) + len(value) < _SHORT_LINE:
+        return f"{name}: {value}\r\n"  # RFC 6532: UTF-8 headers as they are
+    try:
+        return str(policy.header_factory(name, value).fold(policy=policy))
+    except (ValueError, TypeError, IndexError) as exc:
+        # e.g. an address header (Reply-To) the email package cannot parse
+        raise InputError(f"header {name!r} cannot be written: {exc}") from None
+
+
+def _part(body: str, subtype: str) -> bytes:
+    """A text part: 7bit when ASCII with lines under the limit, else quoted-printable."""
+    raw = body.replace("\r\n", "\n").replace("\r", "\n").encode("utf-8")
+    if not raw.endswith(b"\n"):
+        raw += b"\n"
+    if raw.isascii() and max(map(len, raw.split(b"\n"))) <= _MAX_LINE:
+        encoding, payload = "7bit", raw
+    else:
+        encoding, payload = "quoted-printable", binascii.b2a_qp(raw, istext=True)
+    head = (
+        f'Content-Type: text/{subtype}; charset="utf-8"\r\n'
+        f"Content-Transfer-Encoding: {encoding}\r\n\r\n"
+    )
+    return head.encode() + payload.replace(b"\n", b"\r\n")

@@ -220,18 +220,17 @@ def _compose(group: list[_Work]) -> Outgoing:
     recipients = tuple(w.delivery.recipient for w in group)
     domain = message.from_addr.rpartition("@")[2]
     own = first.delivery.id if first.delivery.context is not None else None
-    msg = compose.build(
+    smtputf8 = not all(a.isascii() for a in (message.from_addr, *recipients))
+    data = compose.build(
         rendered,
         from_addr=message.from_addr,
         to=recipients,
         msg_id=compose.message_id(message.token, domain, own),
         date=clock.now(),
         headers=headers,
+        smtputf8=smtputf8,
     )
-    smtputf8 = not all(a.isascii() for a in (message.from_addr, *recipients))
-    return Outgoing(
-        message.from_addr, recipients, compose.to_bytes(msg, smtputf8=smtputf8), smtputf8
-    )
+    return Outgoing(message.from_addr, recipients, data, smtputf8)
 
 
 def _hand_back(rest: list[_Work], stop: ReplyClass, lease: datetime, s: Settings) -> None:
