@@ -176,13 +176,12 @@ def _campaign_rows(
     *,
     first: bool,
 ) -> list[dict[str, Any]]:
-    compiled = templates.compiled(tmpl)
     parsed = []
     for line, row in batch:
         try:
             address = addresses.parse(str(row.get("email", "")))
             own = _context(row)
-            _check_headers(compiled, message, {**ctx, **own})
+            _check_headers(tmpl, message, {**ctx, **own})
             if first and not parsed:
                 _check_renders(tmpl, message, {**ctx, **own})
         except InputError as exc:
@@ -253,11 +252,27 @@ def _check_renders(tmpl: Template, message: Message, context: dict[str, Any]) ->
     )
 
 
-def _check_headers(compiled: templates.Compiled, message: Message, context: dict[str, Any]) -> None:
-    """The parts of a campaign row that reach headers: checked for every row at enqueue."""
-    compose.check_header("Subject", compiled.render_subject(context))
+def _check_headers(tmpl: Template, message: Message, context: dict[str, Any]) -> None:
+    """The parts of a campaign row that reach headers: checked for every row at enqueue.
+
+    When every value the subject and extra headers use is plain (no line break, no encoded
+    word), they cannot inject a header line and nothing needs rendering; otherwise they are
+    rendered and checked exactly as the worker will.
+    """
+    names = templates.variables(tmpl.subject).union(
+        *(templates.variables(value) for value in message.headers.values())
+    )
+    if all(name in context and _plain_value(context[name]) for name in names):
+        return
+    compose.check_header("Subject", templates.compiled(tmpl).render_subject(context))
     for name, value in templates.render_headers(message.headers, context).items():
         compose.check_header(name, value)
+
+
+def _plain_value(value: Any) -> bool:
+    if isinstance(value, str):
+        return "=?" not in value and not compose.LINE_BREAK.search(value)
+    return isinstance(value, int | float) or value is None
 
 
 def _context(context: Mapping[str, Any] | None) -> dict[str, Any]:

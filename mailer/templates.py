@@ -10,11 +10,13 @@ data may be printed (never the repr of a function, class or the template object)
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass
 from typing import Any
 
 import jinja2
+import jinja2.meta
 from jinja2 import nodes
 from jinja2.exceptions import SecurityError
 from jinja2.runtime import Context
@@ -223,3 +225,9 @@ def latest(session: Session, name: str) -> Template:
     if template is None:
         raise NotFound(f"no template named {name!r}; add one with `mailer template add {name} ...`")
     return template
+
+
+@functools.cache
+def variables(source: str) -> frozenset[str]:
+    """The context names a template (in the plain environment) refers to."""
+    return frozenset(jinja2.meta.find_undeclared_variables(_plain.parse(source)))
