@@ -568,6 +568,10 @@ def worker_cmd(concurrency: int | None, pool: str, celery_args: tuple[str, ...])
     """
     from mailer.celery_app import app
 
+    if pool == "threads" and concurrency:
+        # each thread holds a connection only while it claims or records, but may need one
+        # at any time: a pool a quarter of the threads, doubling at need, avoids the waits
+        db.set_pool_size(max(5, concurrency // 4))
     argv = [
         "worker",
         "--queues",

@@ -28,6 +28,7 @@ class Settings:
     retry: RetryPolicy
     ambiguous: AmbiguousPolicy
     chunk_size: int
+    smtp_sessions: int
     lease_seconds: float
     dispatch_interval: float
     republish_after: float
@@ -62,6 +63,11 @@ VARIABLES: list[tuple[str, str, str]] = [
         "MAILER_AMBIGUOUS",
         "hold",
         "connection lost after the final '.': hold (state unknown) or retry",
+    ),
+    (
+        "MAILER_SMTP_SESSIONS",
+        "4",
+        "SMTP sessions each worker process keeps and sends over at once",
     ),
     ("MAILER_CHUNK_SIZE", "100", "deliveries per Celery task"),
     ("MAILER_LEASE_SECONDS", "300", "a claimed delivery not recorded by then is handed out again"),
@@ -103,6 +109,7 @@ def load(env: Mapping[str, str] = os.environ) -> Settings:
         ),
         ambiguous=parsed("MAILER_AMBIGUOUS", _ambiguous),
         chunk_size=parsed("MAILER_CHUNK_SIZE", _count),
+        smtp_sessions=parsed("MAILER_SMTP_SESSIONS", _count),
         lease_seconds=parsed("MAILER_LEASE_SECONDS", _seconds),
         dispatch_interval=parsed("MAILER_DISPATCH_INTERVAL", _seconds),
         republish_after=parsed("MAILER_REPUBLISH_AFTER", _seconds),

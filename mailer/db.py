@@ -20,6 +20,8 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 _engines: dict[str, Engine] = {}
+# connections each process keeps open; a threaded worker raises it to its thread count
+_pool = {"size": 5}
 _sessions: dict[str, sessionmaker[Session]] = {}
 
 
@@ -38,7 +40,13 @@ def _create(url: str) -> Engine:
         # two writers queue on busy_timeout instead of failing on a lock upgrade
         event.listen(eng, "begin", lambda conn: conn.exec_driver_sql("BEGIN IMMEDIATE"))
         return eng
-    return create_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=5)
+    size = _pool["size"]
+    return create_engine(url, pool_pre_ping=True, pool_size=size, max_overflow=size)
+
+
+def set_pool_size(size: int) -> None:
+    """How many connections each engine created from now on keeps (and may double)."""
+    _pool["size"] = max(1, size)
 
 
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from typing import Any
@@ -53,31 +54,66 @@ class ChunkReport:
 def deliver_chunk(
     ids: Sequence[int], *, transport: Transport | None = None, settings: Settings | None = None
 ) -> ChunkReport:
+    """Claim, send and record a chunk. Its transactions go out over MAILER_SMTP_SESSIONS
+    sessions at once (each a thread of this process with its own persistent session), unless
+    a `transport` is given."""
     s = settings or current_settings()
-    relay = transport or session_for(s.smtp)
+    name = transport.name if transport is not None else s.smtp.name
     now = clock.now()
     lease = now + timedelta(seconds=s.lease_seconds)
     work, closed = db.retrying(
-        lambda db_: _claim(db_, ids, lease, relay.name, now),
+        lambda db_: _claim(db_, ids, lease, name, now),
         what="claiming deliveries",
         budget=s.lease_seconds / 2,
     )
     report = ChunkReport(claimed=len(work) + closed)
     recorder = _Recorder(s, lease, {w.delivery.id: w.delivery for w in work})
-    groups = list(_transactions(work))
-    for index, group in enumerate(groups):
-        verdicts = _attempt(group, relay)
+    stopped: list[ReplyClass] = []
+    untried: list[_Work] = []
+    for group, verdicts in _send(list(_transactions(work)), transport, s, stopped):
+        if verdicts is None:  # the relay failed meanwhile: not tried
+            untried += group
+            continue
         report.attempted += len(group)
         recorder.add(verdicts)
-        stop = next((v.klass for v in verdicts if v.klass.relay_wide), None)
-        if stop is not None:
-            rest = [w for g in groups[index + 1 :] for w in g]
-            report.released += len(rest)
-            recorder.flush()
-            _hand_back(rest, stop, lease, s)
-            break
+        stopped += [v.klass for v in verdicts if v.klass.relay_wide][:1]
     recorder.flush()
+    if untried:
+        report.released = len(untried)
+        _hand_back(untried, stopped[0], lease, s)
     return report
+
+
+def _send(
+    groups: list[list[_Work]], transport: Transport | None, s: Settings, stopped: list[ReplyClass]
+) -> Iterator[tuple[list[_Work], list[Verdict] | None]]:
+    """Each group's verdicts, in order; after a relay-wide failure, the groups not yet begun
+    come back untried (None)."""
+
+    def attempt(group: list[_Work]) -> tuple[list[_Work], list[Verdict] | None]:
+        if stopped:
+            return group, None
+        relay = transport if transport is not None else session_for(s.smtp)
+        verdicts = _attempt(group, relay)
+        if any(v.klass.relay_wide for v in verdicts):
+            stopped.append(next(v.klass for v in verdicts if v.klass.relay_wide))
+        return group, verdicts
+
+    if transport is not None or s.smtp_sessions == 1 or len(groups) == 1:
+        yield from map(attempt, groups)
+    else:
+        yield from _senders(s.smtp_sessions).map(attempt, groups)
+
+
+_pools: dict[int, ThreadPoolExecutor] = {}
+
+
+def _senders(size: int) -> ThreadPoolExecutor:
+    """This process's sending threads; they live as long as the process, and so do their
+    SMTP sessions (transport.smtp keeps one per thread)."""
+    if size not in _pools:
+        _pools[size] = ThreadPoolExecutor(size, thread_name_prefix="smtp")
+    return _pools[size]
 
 
 def _claim(

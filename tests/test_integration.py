@@ -143,7 +143,10 @@ def test_a_worker_reuses_sessions_and_quits_each_one(
     pg_db, clean_broker, smtp_server, configure_env, worker_process
 ) -> None:
     configure_env(
-        broker_url=clean_broker, smtp_url=smtp_server.url(tls="none"), log_level="WARNING"
+        broker_url=clean_broker,
+        smtp_url=smtp_server.url(tls="none"),
+        log_level="WARNING",
+        smtp_sessions=1,  # one process, one session: 1,000 messages are 10 sessions of 100
     )
     add_template()
     enqueue.send_campaign(

@@ -60,3 +60,33 @@ def test_required_starttls_missing_sends_nothing_and_tries_no_auth(
         [delivery] = deliveries()
         assert delivery.attempts == 0
     assert count(type(delivery)) == 1
+
+
+def test_a_chunk_goes_out_over_several_sessions_at_once(sqlite_db, configure_env) -> None:
+    with ScriptedSMTPServer() as server:
+        configure_env(smtp_url=server.url(tls="none"), smtp_sessions=4)
+        add_template()
+        rows = [{"email": f"r{i}@example.com", "name": "x"} for i in range(40)]
+        mailer.send_campaign("welcome", rows)
+        report = deliver_chunk(_ids())
+        assert report.attempted == 40
+        assert set(states().values()) == {"sent"}
+        assert sorted(server.copies().values()) == [1] * 40
+        assert 1 < server.connections <= 4
+
+
+def test_a_throttling_relay_stops_the_other_sessions_and_spends_nothing(
+    sqlite_db, configure_env
+) -> None:
+    with ScriptedSMTPServer() as server:
+        server.reply("MAIL", "421 4.7.0 Too many messages, slow down")
+        configure_env(smtp_url=server.url(tls="none"), smtp_sessions=4)
+        add_template()
+        rows = [{"email": f"r{i}@example.com", "name": "x"} for i in range(40)]
+        mailer.send_campaign("welcome", rows)
+        report = deliver_chunk(_ids())
+        assert report.attempted + report.released == 40
+        assert report.released > 0  # the groups not yet begun were handed back untried
+        assert set(states().values()) == {"deferred"}
+        assert all(d.attempts == 0 for d in deliveries())
+        assert server.messages == []
