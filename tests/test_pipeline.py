@@ -121,7 +121,9 @@ def test_dispatcher_republishes_deliveries_whose_lease_expired(any_db: str, conf
     from mailer import db, outcomes
 
     with db.session_scope() as session:  # a worker claims, then dies before recording
-        assert outcomes.claim(session, _ids(), clock.now(), clock.now() + timedelta(seconds=s.lease_seconds))
+        assert outcomes.claim(
+            session, _ids(), clock.now(), clock.now() + timedelta(seconds=s.lease_seconds)
+        )
     assert dispatcher.run_once(backlog=0).published == 0
     later = clock.FakeClock(clock.now() + timedelta(seconds=61))
     with clock.using(later):
