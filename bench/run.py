@@ -59,7 +59,8 @@ CASES: dict[str, str] = {
     "lockstep-rtt20": "(h) context: the lockstep client through the delay proxy.",
     "pipelined-rtt20": "(h) context: the pipelined client through the delay proxy.",
     "mailer-pg-rtt20": "(h) mailer-pg end to end through bench/delayproxy.py, which holds "
-    "every chunk 10 ms each way (20 ms round trip) in front of the sink.",
+    "every chunk 10 ms each way (20 ms round trip) in front of the sink; the worker runs as "
+    "for a remote relay: --rtt-concurrency processes with MAILER_SMTP_SESSIONS=--rtt-sessions.",
 }
 DEFAULT_ORDER = list(CASES)
 
@@ -416,10 +417,10 @@ def fresh_database(b: Bench, kind: str, d: Path) -> str:
     return f"{b.pg_url}{sep}options=-csearch_path%3D{b.args.pg_schema}"
 
 
-def start_mailer_worker(b: Bench, env: dict[str, str], d: Path) -> Any:
+def start_mailer_worker(b: Bench, env: dict[str, str], d: Path, concurrency: int) -> Any:
     argv = [PYTHON, "-m", "mailer", "worker", "--pool", b.args.pool]
     if b.args.pool != "solo":
-        argv += ["--concurrency", str(b.args.concurrency)]
+        argv += ["--concurrency", str(concurrency)]
     return PROCS.start(argv, env=env, log=d / "worker.log")
 
 
@@ -533,6 +534,11 @@ def case_mailer(
     url = fresh_database(b, kind, d)
     b.redis.flush()
     env = b.mailer_env(url, smtp_url)
+    concurrency = b.args.concurrency
+    if kind == "pg-rtt":
+        # a relay 20 ms away: more processes, each sending over many sessions at once
+        env["MAILER_SMTP_SESSIONS"] = str(b.args.rtt_sessions)
+        concurrency = b.args.rtt_concurrency
     timeout = 300
     run_json([PYTHON, str(BENCH / "produce.py"), "setup"], env, d / "setup.log", timeout)
     enq = run_json(
@@ -547,7 +553,7 @@ def case_mailer(
     base = b.sink.count()
     sender = None
     stop_file = d / "stop-txn"
-    worker = start_mailer_worker(b, env, d)
+    worker = start_mailer_worker(b, env, d, concurrency)
     t_spawn = now()
     rss = infra.RSSSampler(worker.pid)
     try:
@@ -683,7 +689,7 @@ def case_txn_idle(b: Bench) -> dict[str, Any]:
     env = b.mailer_env(url, b.sink.url)
     run_json([PYTHON, str(BENCH / "produce.py"), "setup"], env, d / "setup.log", 300)
     outbox = Outbox(url)
-    worker = start_mailer_worker(b, env, d)
+    worker = start_mailer_worker(b, env, d, b.args.concurrency)
     try:
         # warm-up messages: the worker is up, and its processes' SMTP sessions and DB
         # connections are (most likely all) open
@@ -939,7 +945,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--clients", type=int, default=2, help="processes of the raw clients")
     p.add_argument("--naive-recipients", type=int, default=3000)
     p.add_argument(
-        "--rtt-recipients", type=int, default=1000, help="campaign size through the delay proxy"
+        "--rtt-recipients", type=int, default=10000, help="campaign size through the delay proxy"
+    )
+    p.add_argument(
+        "--rtt-concurrency",
+        type=int,
+        default=4,
+        help="worker processes for the remote-relay case (README: a relay far away)",
+    )
+    p.add_argument(
+        "--rtt-sessions",
+        type=int,
+        default=32,
+        help="MAILER_SMTP_SESSIONS for the remote-relay case",
     )
     p.add_argument("--rtt-ms", type=float, default=20.0, help="round trip the proxy adds")
     p.add_argument("--txn-count", type=int, default=50)
@@ -965,7 +983,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.runs = 1
         args.recipients = 5000
         args.naive_recipients = min(args.naive_recipients, 1000)
-        args.rtt_recipients = min(args.rtt_recipients, 300)
+        args.rtt_recipients = min(args.rtt_recipients, 2000)
     selected = args.only.split(",") if args.only else DEFAULT_ORDER
     unknown = [c for c in selected if c not in CASES]
     if unknown:
