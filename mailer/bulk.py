@@ -17,16 +17,19 @@ from sqlalchemy.dialects import sqlite
 from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.orm import Session
 
+from mailer.models import Base
+
 Row = Mapping[str, Any]
 
 
 def insert_rows(
-    session: Session, table: Table, rows: Sequence[Row], *, ignore_conflicts: bool = False
+    session: Session, model: type[Base], rows: Sequence[Row], *, ignore_conflicts: bool = False
 ) -> None:
     """INSERT the rows (all with the same keys); with `ignore_conflicts`, rows that would
     break a unique constraint are skipped."""
     if not rows:
         return
+    table = _table(model)
     columns = tuple(rows[0])
     if _postgresql(session):
         stmt = _pg_insert(table, columns, ignore_conflicts)
@@ -40,7 +43,7 @@ def insert_rows(
 
 def update_rows(
     session: Session,
-    table: Table,
+    model: type[Base],
     key: str,
     rows: Sequence[Row],
     *,
@@ -51,13 +54,14 @@ def update_rows(
     every `fence` column still equals the given value; returns how many rows changed."""
     if not rows:
         return 0
+    table = _table(model)
     columns = tuple(rows[0])
     if _postgresql(session):
-        stmt = _pg_update(table, key, columns, tuple(fence), tuple(constant))
+        pg_stmt = _pg_update(table, key, columns, tuple(fence), tuple(constant))
         params = {c: [row[c] for row in rows] for c in columns}
         params.update({f"f_{c}": v for c, v in fence.items()})
         params.update({f"k_{c}": v for c, v in constant.items()})
-        result: Any = session.execute(stmt, params)
+        result: Any = session.execute(pg_stmt, params)
         return int(result.rowcount)
     stmt = (
         update(table)
@@ -67,6 +71,12 @@ def update_rows(
     params_list = [{f"b_{c}": row[c] for c in columns} for row in rows]
     result = session.connection().execute(stmt, params_list)
     return int(result.rowcount) if result.rowcount >= 0 else len(rows)
+
+
+def _table(model: type[Base]) -> Table:
+    table = model.__table__
+    assert isinstance(table, Table)
+    return table
 
 
 def _postgresql(session: Session) -> bool:

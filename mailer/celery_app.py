@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from celery import Celery
-from kombu import Queue
+from kombu.entity import Queue
 
 from mailer.config import Settings, settings
 from mailer.models import Priority
@@ -26,12 +26,15 @@ def configure(s: Settings | None = None) -> Celery:
         task_acks_late=True,
         task_reject_on_worker_lost=True,
         worker_prefetch_multiplier=1,
-        # a chunk must not outlive its lease, or another worker may take its deliveries
-        task_time_limit=max(int(s.lease_seconds * 0.9), 30),
-        # Redis redelivers an unacknowledged task after this long: keep it well above the limit
-        broker_transport_options={"visibility_timeout": max(3600, int(s.lease_seconds * 4))},
+        # a chunk's sending plus the time it may wait for the database to record outcomes
+        # (delivery.py: up to two leases); a lost or killed chunk is taken over after its lease
+        task_time_limit=max(int(s.lease_seconds * 3), 60),
+        broker_transport_options={"visibility_timeout": max(3600, int(s.lease_seconds * 6))},
         broker_connection_retry_on_startup=True,
-        worker_cancel_long_running_tasks_on_connection_loss=True,
+        # when the broker connection drops, let a running chunk finish and record what it sent
+        # (cancelling it would leave sent mail unrecorded, to be sent again after the lease);
+        # its redelivered copy then claims nothing
+        worker_cancel_long_running_tasks_on_connection_loss=False,
         task_queues=[Queue(p.value) for p in Priority],
         task_default_queue=Priority.BULK.value,
         worker_hijack_root_logger=False,

@@ -22,7 +22,7 @@ STATES = [s.value for s in DeliveryState]
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 
 
-class _When(click.ParamType):
+class _When(click.ParamType[datetime, Any]):
     """ISO 8601 (UTC when no zone is given) or a duration such as 30m, 2h, 1d: that long from
     now (`future=True`) or that long ago."""
 

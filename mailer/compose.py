@@ -14,6 +14,7 @@ import secrets
 from collections.abc import Mapping, Sequence
 from datetime import datetime
 from email.utils import format_datetime
+from typing import Any
 
 from mailer.errors import HeaderInjection, InputError
 from mailer.templates import Rendered
@@ -134,7 +135,7 @@ def build(
     )
 
 
-def _field(name: str, value: str, policy: email.policy.EmailPolicy) -> str:
+def _field(name: str, value: str, policy: email.policy.EmailPolicy[Any]) -> str:
     if value.isascii() and len(name) + len(value) < _SHORT_LINE:
         return f"{name}: {value}\r\n"
     if policy.utf8 and len(name) + len(value) < _SHORT_LINE:

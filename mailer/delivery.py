@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import deque
 from collections.abc import Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from typing import Any
@@ -101,8 +102,17 @@ def _send(
 
     if transport is not None or s.smtp_sessions == 1 or len(groups) == 1:
         yield from map(attempt, groups)
-    else:
-        yield from _senders(s.smtp_sessions).map(attempt, groups)
+        return
+    # at most one group per session in flight: if recording stalls (the database is away),
+    # little more is sent before this generator's consumer is back
+    pool = _senders(s.smtp_sessions)
+    ahead: deque[Future[tuple[list[_Work], list[Verdict] | None]]] = deque()
+    for group in groups:
+        if len(ahead) == s.smtp_sessions:
+            yield ahead.popleft().result()
+        ahead.append(pool.submit(attempt, group))
+    while ahead:
+        yield ahead.popleft().result()
 
 
 _pools: dict[int, ThreadPoolExecutor] = {}
@@ -311,5 +321,7 @@ class _Recorder:
                     db_, batch, self.claimed, self.lease, self.settings, now
                 ),
                 what="recording outcomes",
-                budget=self.settings.lease_seconds / 2,
+                # sent mail not recorded is sent again after its lease: wait long for the
+                # database (the fenced write still lands if nobody has taken the rows over)
+                budget=self.settings.lease_seconds * 2,
             )

@@ -15,11 +15,13 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import and_, exists, or_, select, text, update
+from sqlalchemy.exc import InterfaceError, OperationalError
 from sqlalchemy.orm import Session
 
 from mailer import clock, db, outcomes, publish
 from mailer.config import Settings
 from mailer.config import settings as current_settings
+from mailer.errors import DatabaseUnavailable
 from mailer.models import Campaign, Delivery, DeliveryState, Message, Priority
 
 log = logging.getLogger(__name__)
@@ -115,56 +117,83 @@ def _expire(session: Session, now: datetime) -> int:
             state=S.EXPIRED, last_reply="the message expired before it was sent", updated_at=now
         )
     )
-    return max(result.rowcount, 0)
+    return max(int(result.rowcount), 0)
 
 
 def run(settings: Settings | None = None, stop: threading.Event | None = None) -> None:
-    """Pass after pass, every MAILER_DISPATCH_INTERVAL seconds, until `stop` is set."""
+    """Pass after pass, every MAILER_DISPATCH_INTERVAL seconds, until `stop` is set. Only the
+    leader passes; the others stand by, and take over if the leader goes."""
     s = settings or current_settings()
     stop = stop or threading.Event()
-    with _leadership(stop) as leading:
-        if not leading:
-            return
-        log.info("dispatcher active: a pass every %.1f s", s.dispatch_interval)
+    leader = _Leader()
+    try:
         while not stop.is_set():
-            try:
-                report = run_once(s)
-            except Exception:
-                log.exception("dispatcher pass failed; trying again next interval")
-            else:
-                if report.published or report.expired:
-                    log.info("published %d, expired %d", report.published, report.expired)
-                if report.relay_blocked:
-                    log.warning("%s; not publishing", report.relay_blocked)
+            if leader.holds():
+                _pass(s)
             stop.wait(s.dispatch_interval)
+    finally:
+        leader.release()
 
 
-class _leadership:
-    """On PostgreSQL, wait for the advisory lock that makes this the one active dispatcher."""
+def _pass(s: Settings) -> None:
+    try:
+        report = run_once(s)
+    except (OperationalError, InterfaceError, DatabaseUnavailable) as exc:
+        log.warning("database unavailable (%s); trying again next pass", _first_line(exc))
+    except Exception:
+        log.exception("dispatcher pass failed; trying again next pass")
+    else:
+        if report.published or report.expired:
+            log.info("published %d, expired %d", report.published, report.expired)
+        if report.relay_blocked:
+            log.warning("%s; not publishing", report.relay_blocked)
 
-    def __init__(self, stop: threading.Event) -> None:
-        self.stop = stop
+
+class _Leader:
+    """On PostgreSQL, the session-level advisory lock that makes one dispatcher the active
+    one. Checked before every pass: a lock whose connection broke is gone, and then this
+    dispatcher (or another) takes it again. SQLite needs none: it is one host's file."""
+
+    def __init__(self) -> None:
         self.connection: Any = None
+        self.announced = False
 
-    def __enter__(self) -> bool:
-        eng = db.engine()
-        if eng.dialect.name != "postgresql":
+    def holds(self) -> bool:
+        if db.engine().dialect.name != "postgresql":
             return True
-        self.connection = eng.connect()
-        announced = False
-        while not self.stop.is_set():
+        try:
+            if self.connection is not None:
+                self.connection.execute(text("SELECT 1"))
+                self.connection.commit()
+                return True
+            self.connection = db.engine().connect()
             got = self.connection.execute(
                 text("SELECT pg_try_advisory_lock(:k)"), {"k": _LOCK_KEY}
             ).scalar()
             self.connection.commit()
-            if got:
-                return True
-            if not announced:
-                log.info("another dispatcher is active; standing by")
-                announced = True
-            self.stop.wait(5)
+        except (OperationalError, InterfaceError) as exc:
+            log.warning("database unavailable (%s); not dispatching", _first_line(exc))
+            self.release()
+            return False
+        if got:
+            log.info("dispatcher active")
+            self.announced = False
+            return True
+        if not self.announced:
+            log.info("another dispatcher is active; standing by")
+            self.announced = True
+        self.release()
         return False
 
-    def __exit__(self, *_: object) -> None:
-        if self.connection is not None:
-            self.connection.close()
+    def release(self) -> None:
+        connection, self.connection = self.connection, None
+        if connection is not None:
+            try:
+                connection.close()
+            except (OperationalError, InterfaceError):
+                connection.invalidate()
+
+
+def _first_line(exc: BaseException) -> str:
+    text_ = str(getattr(exc, "orig", None) or exc).strip()
+    return text_.splitlines()[0] if text_ else type(exc).__name__

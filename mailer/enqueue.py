@@ -81,7 +81,7 @@ def send(
         unique = {a.key: a for a in recipients}.values()
         suppressed = _suppressed(session, [a.key for a in unique])
         rows = [_delivery_row(message, a, None, suppressed, now) for a in unique]
-        bulk.insert_rows(session, Delivery.__table__, rows, ignore_conflicts=True)
+        bulk.insert_rows(session, Delivery, rows, ignore_conflicts=True)
         ids = _queued_ids(session, message.id)
         message_id = message.id
     if _due(send_at, now):
@@ -144,7 +144,7 @@ def send_campaign(
             rows = _campaign_rows(
                 session, tmpl, message, ctx, batch, now, result, skip_invalid, first=seen == 0
             )
-            bulk.insert_rows(session, Delivery.__table__, rows, ignore_conflicts=True)
+            bulk.insert_rows(session, Delivery, rows, ignore_conflicts=True)
             seen += len(batch)
             if progress:
                 progress(seen)
@@ -176,7 +176,7 @@ def _campaign_rows(
     *,
     first: bool,
 ) -> list[dict[str, Any]]:
-    parsed = []
+    parsed: list[tuple[addresses.Address, dict[str, Any]]] = []
     for line, row in batch:
         try:
             address = addresses.parse(str(row.get("email", "")))

@@ -123,11 +123,11 @@ def record(
     number means a lease had run out and another worker owns those deliveries now)."""
     if not verdicts:
         return 0
-    bulk.insert_rows(session, Attempt.__table__, [_attempt_row(v) for v in verdicts])
+    bulk.insert_rows(session, Attempt, [_attempt_row(v) for v in verdicts])
     rows = [_state_row(v, claimed[v.delivery_id], settings, now) for v in verdicts]
     changed = bulk.update_rows(
         session,
-        Delivery.__table__,
+        Delivery,
         "id",
         rows,
         fence={"state": S.SENDING.value, "lease_until": lease},
@@ -277,9 +277,7 @@ def finish_unsent(
         )
 
 
-def requeue(
-    session: Session, ids: Select[tuple[int]], now: datetime, *, include_suppressed: bool
-) -> int:
+def requeue(session: Session, ids: Select[Any], now: datetime, *, include_suppressed: bool) -> int:
     """Operator retry: the selected deliveries that are not in flight go back to queued with a
     fresh attempt budget (their attempt rows stay as history); the dispatcher publishes them on
     its next pass. Suppressed addresses are left alone unless `include_suppressed`, which also
@@ -304,13 +302,13 @@ def requeue(
     return len(chosen)
 
 
-def retry_candidates(session: Session, ids: Select[tuple[int]], *, include_suppressed: bool) -> int:
+def retry_candidates(session: Session, ids: Select[Any], *, include_suppressed: bool) -> int:
     """How many deliveries `requeue` would take (for --dry-run)."""
     selected = _retryable(ids, include_suppressed).subquery()
     return session.scalar(select(func.count()).select_from(selected)) or 0
 
 
-def _retryable(ids: Select[tuple[int]], include_suppressed: bool) -> Select[tuple[int]]:
+def _retryable(ids: Select[Any], include_suppressed: bool) -> Select[Any]:
     selected = ids.where(Delivery.state.in_(_RETRYABLE))
     if include_suppressed:
         return selected
@@ -320,7 +318,7 @@ def _retryable(ids: Select[tuple[int]], include_suppressed: bool) -> Select[tupl
     )
 
 
-def cancel(session: Session, ids: Select[tuple[int]], now: datetime) -> int:
+def cancel(session: Session, ids: Select[Any], now: datetime) -> int:
     """Cancel what has not gone out: queued, deferred, or held as unknown. In-flight
     deliveries (sending) finish as they will."""
     result: Any = session.execute(
@@ -329,7 +327,7 @@ def cancel(session: Session, ids: Select[tuple[int]], now: datetime) -> int:
         .values(state=S.CANCELLED, last_reply="cancelled by an operator", updated_at=now)
         .execution_options(synchronize_session=False)
     )
-    return max(result.rowcount, 0)
+    return max(int(result.rowcount), 0)
 
 
 _RETRYABLE = (S.FAILED, S.EXPIRED, S.UNKNOWN, S.BOUNCED, S.CANCELLED, S.SUPPRESSED, S.DEFERRED)

@@ -62,8 +62,8 @@ def campaign_status(session: Session, campaign_id: int) -> CampaignStatus:
         .where(Message.campaign_id == campaign_id)
         .group_by(Delivery.state)
     ).all()
-    counts = {state.value: n for state, n in rows}
-    ordered = {s.value: counts[s.value] for s in DeliveryState if s.value in counts}
+    counts: dict[str, int] = {str(state): n for state, n in rows}
+    ordered = {str(s): counts[str(s)] for s in DeliveryState if str(s) in counts}
     return CampaignStatus(c.id, c.name, c.paused, c.created_at, ordered)
 
 
@@ -137,7 +137,7 @@ class Selection:
     code: str | None = None  # "4xx", "5xx" or an exact code such as "550"
     since: datetime | None = None
 
-    def ids(self) -> Select[tuple[int]]:
+    def ids(self) -> Select[Any]:
         query = select(Delivery.id).join(Message, Delivery.message_id == Message.id)
         if self.campaign_id is not None:
             query = query.where(Message.campaign_id == self.campaign_id)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
 from datetime import datetime
+from typing import Any
 
 from sqlalchemy import delete, select
 from sqlalchemy.orm import Session
@@ -36,8 +37,8 @@ def add_checked(session: Session, raw: Iterable[str], reason: str, now: datetime
 
 def remove(session: Session, raw: Iterable[str]) -> int:
     keys = [a.strip().lower() for a in raw]
-    result = session.execute(delete(Suppression).where(Suppression.address.in_(keys)))
-    return max(result.rowcount, 0)  # type: ignore[attr-defined]
+    result: Any = session.execute(delete(Suppression).where(Suppression.address.in_(keys)))
+    return max(int(result.rowcount), 0)
 
 
 def entries(session: Session) -> Iterator[Suppression]:

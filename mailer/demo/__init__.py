@@ -16,11 +16,15 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from fakeredis import TcpFakeServer
 from sqlalchemy import select
 
 from mailer import config, db
+
+if TYPE_CHECKING:
+    from mailer.testing.smtpserver import ScriptedSMTPServer
 
 HERE = Path(__file__).resolve().parent
 RECIPIENTS = HERE / "recipients.csv"
@@ -128,7 +132,11 @@ def _watch(campaign_id: int, started: float) -> bool:
 
 
 def _summary(
-    campaign_id: int, smtp: object, busy: list[str], unknown: list[str], finished: bool
+    campaign_id: int,
+    smtp: ScriptedSMTPServer,
+    busy: list[str],
+    unknown: list[str],
+    finished: bool,
 ) -> int:
     from mailer import queries
     from mailer.models import Attempt, Delivery

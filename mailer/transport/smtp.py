@@ -14,7 +14,9 @@ import enum
 import functools
 import logging
 import re
+import select
 import smtplib
+import socket
 import ssl
 import threading
 import time
@@ -186,6 +188,10 @@ class SMTPSession:
             self._rset(smtp)
             return
         with _phase(Phase.BODY):
+            if _peer_closed(smtp):
+                # gone before a byte of the body left: certainly not delivered, so a plain
+                # retry rather than the "lost after '.'" that writing into the void would give
+                raise smtplib.SMTPServerDisconnected("the server closed the connection after 354")
             smtp.send(body + b"." + _CRLF)
         self._in_session += 1
         with _phase(Phase.DOT):
@@ -542,6 +548,26 @@ def _mechanism(smtp: smtplib.SMTP) -> str:
         ),
         Phase.AUTH,
     )
+
+
+def _peer_closed(smtp: smtplib.SMTP) -> bool:
+    """Whether the server has closed (or, out of turn, written to) the connection."""
+    sock = smtp.sock
+    if sock is None:
+        return True
+    if isinstance(sock, ssl.SSLSocket) and sock.pending():
+        return True  # the server spoke out of turn: the dialogue is out of step
+    readable, _, _ = select.select([sock], [], [], 0)
+    if not readable:
+        return False
+    if isinstance(sock, ssl.SSLSocket):
+        return True  # TLS: readable here means a close notify, an alert or stray data
+    try:
+        return sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+    except BlockingIOError:
+        return False
+    except OSError:
+        return True
 
 
 def _timeout(smtp: smtplib.SMTP, seconds: float) -> None:
