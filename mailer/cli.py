@@ -19,6 +19,7 @@ from mailer.errors import MailerError
 from mailer.models import DeliveryState
 
 STATES = [s.value for s in DeliveryState]
+FILE = click.Path(exists=True, dir_okay=False, path_type=Path)
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 
 
@@ -121,20 +122,20 @@ def template_group() -> None:
     "--subject",
     "subject_file",
     required=True,
-    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    type=FILE,
     help="File with the subject template.",
 )
 @click.option(
     "--text",
     "text_file",
     required=True,
-    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    type=FILE,
     help="File with the plain-text body template.",
 )
 @click.option(
     "--html",
     "html_file",
-    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    type=FILE,
     help="File with the HTML body template (autoescaped).",
 )
 def template_add(name: str, subject_file: Path, text_file: Path, html_file: Path | None) -> None:
@@ -228,7 +229,7 @@ def campaign_group() -> None:
     "--recipients",
     "path",
     required=True,
-    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    type=FILE,
     help="CSV with an 'email' column (other columns become context), or JSON Lines.",
 )
 @click.option("--name", help="Campaign name (default: template and time).")
@@ -525,7 +526,7 @@ def suppress_export() -> None:
 
 
 @suppress_group.command("import")
-@click.argument("path", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.argument("path", type=FILE)
 @click.option(
     "--reason", default="imported", show_default=True, help="Reason for rows without one."
 )
