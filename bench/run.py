@@ -793,8 +793,14 @@ def summarize(
             cpu = m.get("worker_cpu_ms_per_msg")
             rows.append([case, fmt_rate(m.get("msgs_per_s")), _cpu(cpu), notes + bad])
         elif case.startswith("mailer") or case == "txn-busy":
+            how = conc
+            if case.endswith("rtt20"):
+                how = (
+                    f"{args.pool} -c {args.rtt_concurrency}, "
+                    f"MAILER_SMTP_SESSIONS={args.rtt_sessions}"
+                )
             notes = (
-                f"{m.get('recipients', 0):.0f} rcpts, {conc}; "
+                f"{m.get('recipients', 0):.0f} rcpts, {how}; "
                 f"{fmt_rate(m.get('msgs_per_s_from_spawn'))}/s from worker spawn; enqueue "
                 f"{fmt_rate(m.get('enqueue_per_s'))}/s; peak RSS producer "
                 f"{m.get('producer_peak_rss_mb', 0):.0f} MB, worker "
