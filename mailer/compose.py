@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import binascii
 import email.policy
+import functools
 import re
 import secrets
 from collections.abc import Mapping, Sequence
-from datetime import datetime
+from datetime import datetime, tzinfo
 from email.utils import format_datetime
 from typing import Any
 
@@ -108,7 +109,7 @@ def build(
         ("From", from_addr),
         ("To", ", ".join(to)),
         ("Subject", rendered.subject),
-        ("Date", format_datetime(date)),
+        ("Date", _date(date)),
         ("Message-ID", msg_id),
         *headers.items(),
     ]
@@ -133,6 +134,16 @@ def build(
             f"\r\n--{boundary}--\r\n".encode(),
         )
     )
+
+
+@functools.lru_cache(maxsize=4)
+def _date_to_the_second(timestamp: int, zone: tzinfo | None) -> str:
+    return format_datetime(datetime.fromtimestamp(timestamp, zone))
+
+
+def _date(date: datetime) -> str:
+    # the Date header has whole seconds: messages composed in the same second share one string
+    return _date_to_the_second(int(date.timestamp()), date.tzinfo)
 
 
 def _field(name: str, value: str, policy: email.policy.EmailPolicy[Any]) -> str:

@@ -124,7 +124,7 @@ class SMTPSession:
         decided: dict[str, RecipientResult],
     ) -> None:
         """Run one transaction, filling `decided` as replies come in (raises _Failed)."""
-        message = _EOL.sub(_CRLF, out.data)  # a bare CR or LF is never sent (SMTP smuggling)
+        message = _crlf_only(out.data)  # a bare CR or LF is never sent (SMTP smuggling)
         options = self._mail_options(smtp, out, len(message))
         encoding = "utf-8" if "SMTPUTF8" in options else "ascii"
         commands = [line.encode(encoding) for line in _envelope(out, options)]
@@ -517,9 +517,18 @@ def _envelope(out: Outgoing, options: list[str]) -> list[str]:
     return [mail, *(f"RCPT TO:<{r}>" for r in out.recipients), "DATA"]
 
 
+def _crlf_only(data: bytes) -> bytes:
+    # counting is much cheaper than the substitution, and a composed message needs none
+    crlf = data.count(_CRLF)
+    if data.count(b"\r") == crlf and data.count(b"\n") == crlf:
+        return data
+    return _EOL.sub(_CRLF, data)
+
+
 def _dot_stuffed(message: bytes) -> bytes:
-    body = _LEADING_DOT.sub(b"..", message)
-    return body if body.endswith(_CRLF) else body + _CRLF
+    if message.startswith(b".") or b"\r\n." in message:
+        message = _LEADING_DOT.sub(b"..", message)
+    return message if message.endswith(_CRLF) else message + _CRLF
 
 
 def _size_limit(smtp: smtplib.SMTP) -> int:
