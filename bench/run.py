@@ -534,7 +534,7 @@ def case_mailer(
     url = fresh_database(b, kind, d)
     b.redis.flush()
     env = b.mailer_env(url, smtp_url)
-    concurrency = b.args.concurrency
+    concurrency = b.args.mailer_concurrency
     if kind == "pg-rtt":
         # a relay 20 ms away: more processes, each sending over many sessions at once
         env["MAILER_SMTP_SESSIONS"] = str(b.args.rtt_sessions)
@@ -689,7 +689,7 @@ def case_txn_idle(b: Bench) -> dict[str, Any]:
     env = b.mailer_env(url, b.sink.url)
     run_json([PYTHON, str(BENCH / "produce.py"), "setup"], env, d / "setup.log", 300)
     outbox = Outbox(url)
-    worker = start_mailer_worker(b, env, d, b.args.concurrency)
+    worker = start_mailer_worker(b, env, d, b.args.mailer_concurrency)
     try:
         # warm-up messages: the worker is up, and its processes' SMTP sessions and DB
         # connections are (most likely all) open
@@ -699,7 +699,7 @@ def case_txn_idle(b: Bench) -> dict[str, Any]:
                 str(BENCH / "produce.py"),
                 "txn",
                 "--count",
-                str(2 * b.args.concurrency),
+                str(2 * b.args.mailer_concurrency),
                 "--interval",
                 "0.05",
                 "--to-prefix",
@@ -793,7 +793,7 @@ def summarize(
             cpu = m.get("worker_cpu_ms_per_msg")
             rows.append([case, fmt_rate(m.get("msgs_per_s")), _cpu(cpu), notes + bad])
         elif case.startswith("mailer") or case == "txn-busy":
-            how = conc
+            how = f"{args.pool} -c {args.mailer_concurrency}"
             if case.endswith("rtt20"):
                 how = (
                     f"{args.pool} -c {args.rtt_concurrency}, "
@@ -947,7 +947,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         choices=["prefork", "threads", "solo"],
         help="worker pool, mailer and naive alike",
     )
-    p.add_argument("--concurrency", type=int, default=2, help="worker concurrency")
+    p.add_argument("--concurrency", type=int, default=2, help="the naive worker's concurrency")
+    p.add_argument(
+        "--mailer-concurrency",
+        type=int,
+        default=2 * (os.cpu_count() or 1),
+        help="mailer worker processes (default: mailer's own default, twice the CPU count)",
+    )
     p.add_argument("--clients", type=int, default=2, help="processes of the raw clients")
     p.add_argument("--naive-recipients", type=int, default=3000)
     p.add_argument(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import logging
+import os
 import sys
 import threading
 from datetime import UTC, datetime, timedelta
@@ -553,7 +554,11 @@ def suppress_import(path: Path, reason: str) -> None:
 
 @cli.command("worker", context_settings={"ignore_unknown_options": True})
 @click.option(
-    "--concurrency", "-c", type=int, default=None, help="Worker processes (default: CPU count)."
+    "--concurrency",
+    "-c",
+    type=int,
+    default=None,
+    help="Worker processes (default: twice the CPU count: each waits on SMTP and the database).",
 )
 @click.option(
     "--pool",
@@ -584,8 +589,7 @@ def worker_cmd(concurrency: int | None, pool: str, celery_args: tuple[str, ...])
         "--without-gossip",
         "--without-mingle",
     ]
-    if concurrency:
-        argv += ["--concurrency", str(concurrency)]
+    argv += ["--concurrency", str(concurrency or 2 * (os.cpu_count() or 1))]
     app.worker_main(argv + list(celery_args))
 
 
