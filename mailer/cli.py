@@ -399,8 +399,9 @@ def _selection(
 ) -> Any:
     from mailer import queries
 
-    if campaign_id is None and message_id is None and states is None and since is None:
-        raise click.UsageError("say which deliveries: --campaign, --message, --state or --since")
+    if campaign_id is None and message_id is None and code is None and since is None:
+        # a state alone would reach every campaign and message ever sent
+        raise click.UsageError("say which deliveries: --campaign, --message, --code or --since")
     chosen = None
     if states:
         try:
@@ -465,7 +466,7 @@ def retry_cmd(
 @click.option("--campaign", "campaign_id", type=int, help="Cancel this campaign's unsent mail.")
 @click.option("--message", "message_id", type=int, help="Cancel this message's unsent deliveries.")
 def cancel_cmd(campaign_id: int | None, message_id: int | None) -> None:
-    """Cancel what has not been sent (queued, deferred, unknown); in-flight mail finishes."""
+    """Cancel what has not been sent (queued, deferred); in-flight mail finishes."""
     from mailer import outcomes
 
     if campaign_id is None and message_id is None:

@@ -131,9 +131,15 @@ def reload() -> Settings:
 
 
 def _redact(name: str, value: str) -> str:
-    if name in ("MAILER_SMTP_URL", "MAILER_DATABASE_URL", "MAILER_BROKER_URL") and "@" in value:
-        scheme, _, rest = value.partition("://")
+    """A URL setting as it may be shown: never a password, even one written without its @."""
+    if name not in ("MAILER_SMTP_URL", "MAILER_DATABASE_URL", "MAILER_BROKER_URL"):
+        return value
+    scheme, _, rest = value.partition("://")
+    netloc = rest.split("/", 1)[0].split("?", 1)[0]
+    if "@" in netloc:
         return f"{scheme}://***@{rest.rsplit('@', 1)[1]}"
+    if ":" in netloc and not netloc.rsplit(":", 1)[1].isdigit():
+        return f"{scheme}://***"
     return value
 
 

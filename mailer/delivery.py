@@ -71,17 +71,21 @@ def deliver_chunk(
     recorder = _Recorder(s, lease, {w.delivery.id: w.delivery for w in work})
     stopped: list[ReplyClass] = []
     untried: list[_Work] = []
-    for group, verdicts in _send(list(_transactions(work)), transport, s, stopped):
-        if verdicts is None:  # the relay failed meanwhile: not tried
-            untried += group
-            continue
-        report.attempted += len(group)
-        recorder.add(verdicts)
-        stopped += [v.klass for v in verdicts if v.klass.relay_wide][:1]
-    recorder.flush()
+    try:
+        for group, verdicts in _send(list(_transactions(work)), transport, s, stopped):
+            if verdicts is None:  # the relay failed meanwhile: not tried
+                untried += group
+                continue
+            report.attempted += len(group)
+            recorder.add(verdicts)
+    finally:
+        # whatever happens, what was sent is recorded (else it would go out again)
+        recorder.flush()
     if untried:
         report.released = len(untried)
-        _hand_back(untried, stopped[0], lease, s)
+        # a paused relay (configuration) outranks a resting one
+        worst = ReplyClass.CONFIGURATION if ReplyClass.CONFIGURATION in stopped else stopped[0]
+        _hand_back(untried, worst, lease, s)
     return report
 
 
@@ -194,6 +198,10 @@ def _attempt(group: list[_Work], relay: Transport) -> list[Verdict]:
     except InputError as exc:
         # a poison message fails alone; the rest of the chunk goes on
         reply = SMTPReply.lost(str(exc))
+        return [_verdict(w, reply, Phase.LOCAL, relay.name, False, started) for w in group]
+    except Exception as exc:
+        log.exception("delivery %d could not be composed", group[0].delivery.id)
+        reply = SMTPReply.lost(f"could not be composed: {type(exc).__name__}: {exc}")
         return [_verdict(w, reply, Phase.LOCAL, relay.name, False, started) for w in group]
     by_address = {w.delivery.recipient: w for w in group}
     verdicts: list[Verdict] = []

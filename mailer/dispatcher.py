@@ -110,7 +110,7 @@ def _expire(session: Session, now: datetime) -> int:
     result: Any = session.execute(
         update(Delivery)
         .where(
-            Delivery.state.in_([S.QUEUED, S.DEFERRED, S.UNKNOWN]),
+            Delivery.state.in_([S.QUEUED, S.DEFERRED]),
             Delivery.message_id.in_(message_expired),
         )
         .values(

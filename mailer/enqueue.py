@@ -16,6 +16,7 @@ from datetime import datetime
 from typing import Any
 
 from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from mailer import addresses, bulk, clock, compose, db, publish, suppressions, templates
@@ -58,11 +59,56 @@ def send(
     _no_nul(idempotency_key, "idempotency_key")
     ctx = _context(context)
     now = clock.now()
+    try:
+        message_id, ids = _write_message(
+            template,
+            recipients,
+            ctx,
+            idempotency_key,
+            from_addr,
+            headers,
+            send_at,
+            expires_at,
+            priority,
+            now,
+        )
+    except IntegrityError:
+        # the same key, sent at the same moment by a concurrent request: it won
+        existing = _existing(idempotency_key)
+        if existing is None:
+            raise
+        return existing
+    if ids and _due(send_at, now):
+        publish.publish(ids, priority, settings().chunk_size)
+    return message_id
+
+
+def _existing(idempotency_key: str | None) -> int | None:
+    if idempotency_key is None:
+        return None
+    with db.session_scope() as session:
+        return _by_key(session, idempotency_key)
+
+
+def _write_message(
+    template: str,
+    recipients: list[addresses.Address],
+    ctx: dict[str, Any],
+    idempotency_key: str | None,
+    from_addr: str | None,
+    headers: Mapping[str, str] | None,
+    send_at: datetime | None,
+    expires_at: datetime | None,
+    priority: Priority,
+    now: datetime,
+) -> tuple[int, list[int]]:
+    """The message's rows, committed; (its id, the deliveries to publish). For a key already
+    used: (that message's id, nothing to publish)."""
     with db.session_scope() as session:
         if idempotency_key is not None:
             existing = _by_key(session, idempotency_key)
             if existing is not None:
-                return existing
+                return existing, []
         tmpl = templates.latest(session, template)
         message = _message(
             session,
@@ -82,11 +128,7 @@ def send(
         suppressed = _suppressed(session, [a.key for a in unique])
         rows = [_delivery_row(message, a, None, suppressed, now) for a in unique]
         bulk.insert_rows(session, Delivery, rows, ignore_conflicts=True)
-        ids = _queued_ids(session, message.id)
-        message_id = message.id
-    if _due(send_at, now):
-        publish.publish(ids, priority, settings().chunk_size)
-    return message_id
+        return message.id, _queued_ids(session, message.id)
 
 
 @dataclass

@@ -103,7 +103,11 @@ def postpone(session: Session, ids: Sequence[int], until: datetime, now: datetim
     the dispatcher wakes them when it is due and the relay is usable again."""
     session.execute(
         update(Delivery)
-        .where(Delivery.id.in_(ids), Delivery.state.in_([S.QUEUED, S.DEFERRED]))
+        .where(
+            Delivery.id.in_(ids),
+            Delivery.state.in_([S.QUEUED, S.DEFERRED]),
+            Delivery.next_attempt_at < until,  # never bring a planned retry forward
+        )
         .values(next_attempt_at=until, updated_at=now)
     )
 
@@ -279,9 +283,10 @@ def finish_unsent(
 
 def requeue(session: Session, ids: Select[Any], now: datetime, *, include_suppressed: bool) -> int:
     """Operator retry: the selected deliveries that are not in flight go back to queued with a
-    fresh attempt budget (their attempt rows stay as history); the dispatcher publishes them on
-    its next pass. Suppressed addresses are left alone unless `include_suppressed`, which also
-    takes them off the suppression list."""
+    fresh budget of attempts and of age (`created_at` restarts: it is when the delivery was last
+    queued; the message keeps the original time; attempt rows stay as history); the dispatcher
+    publishes them on its next pass. Suppressed addresses are left alone unless
+    `include_suppressed`, which also takes them off the suppression list."""
     chosen = list(session.scalars(_retryable(ids, include_suppressed)))
     if include_suppressed and chosen:
         recipients = select(func.lower(Delivery.recipient)).where(Delivery.id.in_(chosen))
@@ -294,6 +299,7 @@ def requeue(session: Session, ids: Select[Any], now: datetime, *, include_suppre
                 state=S.QUEUED,
                 attempts=0,
                 next_attempt_at=now,
+                created_at=now,
                 published_at=None,
                 lease_until=None,
                 updated_at=now,
@@ -319,8 +325,8 @@ def _retryable(ids: Select[Any], include_suppressed: bool) -> Select[Any]:
 
 
 def cancel(session: Session, ids: Select[Any], now: datetime) -> int:
-    """Cancel what has not gone out: queued, deferred, or held as unknown. In-flight
-    deliveries (sending) finish as they will."""
+    """Cancel what has not gone out: queued or deferred. In-flight deliveries (sending)
+    finish as they will; `unknown` ones may have been delivered and stay as they are."""
     result: Any = session.execute(
         update(Delivery)
         .where(Delivery.id.in_(ids), Delivery.state.in_(_CANCELLABLE))
@@ -331,7 +337,7 @@ def cancel(session: Session, ids: Select[Any], now: datetime) -> int:
 
 
 _RETRYABLE = (S.FAILED, S.EXPIRED, S.UNKNOWN, S.BOUNCED, S.CANCELLED, S.SUPPRESSED, S.DEFERRED)
-_CANCELLABLE = (S.QUEUED, S.DEFERRED, S.UNKNOWN)
+_CANCELLABLE = (S.QUEUED, S.DEFERRED)
 
 
 def _slices(ids: list[int], size: int = 5000) -> Iterable[list[int]]:

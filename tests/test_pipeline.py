@@ -8,7 +8,7 @@ from datetime import timedelta
 import pytest
 
 import mailer
-from mailer import clock, dispatcher, enqueue
+from mailer import clock, compose, dispatcher, enqueue
 from mailer.delivery import deliver_chunk
 from mailer.errors import InputError
 from mailer.models import Attempt, Delivery, DeliveryState, Message
@@ -195,3 +195,47 @@ def test_too_many_recipients_go_in_new_transactions_at_once(any_db: str) -> None
     assert [len(t.recipients) for t in transport.transactions] == [7, 4, 1]
     assert sorted(r for r, _ in transport.sent) == sorted(to)
     assert all(d.attempts == 1 for d in deliveries())
+
+
+def test_an_unexpected_compose_error_fails_that_delivery_alone(any_db: str, monkeypatch) -> None:
+    add_template()
+    rows = [{"email": f"r{i}@example.com", "name": "x"} for i in range(3)]
+    enqueue.send_campaign("welcome", rows)
+    real = compose.build
+
+    def build(rendered, **kw):
+        if kw["to"] == ("r1@example.com",):
+            raise UnicodeEncodeError("utf-8", "\ud800", 0, 1, "surrogates not allowed")
+        return real(rendered, **kw)
+
+    monkeypatch.setattr(compose, "build", build)
+    transport = MemoryTransport()
+    deliver_chunk(_ids(), transport=transport)
+    assert states() == {
+        "r0@example.com": "sent",
+        "r1@example.com": "failed",
+        "r2@example.com": "sent",
+    }
+    assert "UnicodeEncodeError" in (deliveries(recipient="r1@example.com")[0].last_reply or "")
+
+
+def test_a_concurrent_send_with_the_same_key_returns_the_first_message(
+    any_db: str, monkeypatch
+) -> None:
+    add_template()
+    first = mailer.send(
+        template="welcome", to="a@example.com", context={"name": "A"}, idempotency_key="k-1"
+    )
+    # the second request checked for the key before the first one committed
+    real, calls = enqueue._by_key, []
+
+    def by_key(session, key):
+        calls.append(key)
+        return None if len(calls) == 1 else real(session, key)
+
+    monkeypatch.setattr(enqueue, "_by_key", by_key)
+    again = mailer.send(
+        template="welcome", to="a@example.com", context={"name": "A"}, idempotency_key="k-1"
+    )
+    assert again == first and len(calls) == 2
+    assert count(Message) == 1 and count(Delivery) == 1

@@ -199,3 +199,31 @@ def test_cancel_and_pause(sqlite_db) -> None:
     deliver_chunk(_ids(), transport=transport)
     assert transport.sent == [] and set(states().values()) == {"cancelled"}
     assert count(Delivery) == 4
+
+
+def test_retry_without_a_selection_is_refused(sqlite_db) -> None:
+    for args in (["retry"], ["retry", "--state", "failed"]):
+        out = CliRunner().invoke(cli, args)
+        assert out.exit_code == 2 and "say which deliveries" in out.output
+
+
+def test_unknown_is_neither_cancelled_nor_expired(sqlite_db, configure_env) -> None:
+    add_template()
+    transport = MemoryTransport()
+    transport.script("a@example.com", Phase.DOT, SMTPReply.lost("connection lost after '.'"))
+    fake = clock.FakeClock()
+    with clock.using(fake):
+        mailer.send(
+            template="welcome",
+            to="a@example.com",
+            context={"name": "x"},
+            expires_at=fake() + timedelta(minutes=5),
+        )
+        message_id = deliveries()[0].message_id
+        deliver_chunk(_ids(), transport=transport)
+        assert states() == {"a@example.com": "unknown"}
+        out = CliRunner().invoke(cli, ["cancel", "--message", str(message_id)])
+        assert "0 deliveries cancelled" in out.output
+        fake.advance(600)
+        assert dispatcher.run_once(backlog=0).expired == 0
+    assert states() == {"a@example.com": "unknown"}  # it may have been delivered: kept as is

@@ -84,13 +84,16 @@ def _host_and_port(parts: SplitResult) -> tuple[str, int]:
     try:
         port = parts.port or 0
     except ValueError:
-        raise ValueError(f"bad port in {hostport!r}: write host:port, port 1-65535") from None
+        raise ValueError(
+            "bad port: write host:port with a port from 1 to 65535 (a user and password go "
+            "before an @)"
+        ) from None
     host = unquote(parts.hostname or "")
     if not port and host.count(":") == 1:
         # the `host:port` form smtplib.SMTP.connect accepts, here percent-encoded in the host
         host, _, port_text = host.partition(":")
         if not port_text.isdigit() or int(port_text) > _MAX_PORT:
-            raise ValueError(f"bad port {port_text!r} in {hostport!r}: port must be 1-65535")
+            raise ValueError("bad port: a port is a number from 1 to 65535")
         port = int(port_text)
     if not host:
         raise ValueError("no host: write e.g. smtp://mail.example.com:587")
