@@ -62,9 +62,9 @@ def _campaign(
     return result
 
 
-def _assert_mid_campaign(rig: Rig) -> None:
+def _assert_mid_campaign(rig: Rig, total: int = RECIPIENTS) -> None:
     stored = len(rig.server.messages)
-    assert stored < RECIPIENTS, f"the campaign was over ({stored} stored) before the fault"
+    assert stored < total, f"the campaign was over ({stored} stored) before the fault"
 
 
 # --- 0: the control ------------------------------------------------------------------------------
@@ -88,21 +88,24 @@ def test_kill_9_of_a_pool_process(rig: Rig) -> None:
     """A pool process dies mid-chunk; Celery replaces it and the worker goes on. Deliveries it
     had claimed stay `sending` until their lease runs out, then the dispatcher hands them out
     again: every recipient delivered; duplicates only among what was in flight at the kill."""
-    _campaign()
+    # three times the usual campaign: the worker is quick, and a kill that falls between two
+    # chunks (nothing left `sending`) needs room for another
+    total = 3 * RECIPIENTS
+    _campaign(total)
     worker = rig.worker()
     rig.dispatcher()
-    rig.wait_copies(MIDWAY // 2)  # early: room for another kill should one miss
+    rig.wait_copies(MIDWAY // 2)
     in_flight: set[str] = set()
     stuck: set[str] = set()
     kills = 0
-    while not stuck and kills < 3 and len(rig.server.messages) < RECIPIENTS:
+    while not stuck and kills < 5 and len(rig.server.messages) < total:
         # the busiest pool process is running a chunk; if the kill still fell between two
         # chunks (nothing left `sending` a moment later), kill again
         victim = worker.kill_child(worker.busiest_child())
         killed_at = time.monotonic()
         kills += 1
         in_flight |= recipients_in("sending")
-        _assert_mid_campaign(rig)
+        _assert_mid_campaign(rig, total)
         assert wait_until(
             lambda v=victim: len(worker.children()) >= CONCURRENCY and v not in worker.children(),
             20,
