@@ -259,8 +259,7 @@ def campaign_send(
     """Queue a campaign from a recipient file; prints the campaign id."""
     from mailer import enqueue, recipients
 
-    size = path.stat().st_size
-    progress = _Progress("enqueued", size)
+    progress = _Progress("enqueued")
     rows = recipients.read(path)
     result = enqueue.send_campaign(
         template,
@@ -288,7 +287,7 @@ def campaign_send(
 class _Progress:
     """A progress line on stderr when it is a terminal, at most a few times a second."""
 
-    def __init__(self, label: str, _size: int) -> None:
+    def __init__(self, label: str) -> None:
         self.label = label
         self.last = 0.0
         self.tty = sys.stderr.isatty()
@@ -723,7 +722,3 @@ def _database_problem(exc: Exception) -> str:
     if "no such table" in text or ("does not exist" in text and "relation" in text):
         return f"the database at {url} has no schema yet: run `mailer db upgrade` ({text})"
     return f"database {url}: {text}"
-
-
-def _iso(value: str) -> datetime:
-    return datetime.fromisoformat(value)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import math
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -36,7 +37,7 @@ class Settings:
     log_level: str
 
 
-# name, default, meaning: the README's configuration table is generated from this list
+# name, default, meaning: `mailer config` prints these, and the README's table lists them
 VARIABLES: list[tuple[str, str, str]] = [
     ("MAILER_DATABASE_URL", "sqlite:///mailer.db", "SQLAlchemy URL of the outbox database"),
     ("MAILER_BROKER_URL", "redis://127.0.0.1:6379/0", "Redis URL of the Celery broker"),
@@ -77,7 +78,11 @@ VARIABLES: list[tuple[str, str, str]] = [
         "60",
         "a queued delivery unclaimed this long, with the queue empty, is republished",
     ),
-    ("MAILER_RELAY_BACKOFF", "60", "seconds a relay rests after a 421 or 4.7.x throttling reply"),
+    (
+        "MAILER_RELAY_BACKOFF",
+        "60",
+        "seconds a relay rests after throttling (421, 4.7.x) or a failed connection",
+    ),
     ("MAILER_LOG_LEVEL", "INFO", "DEBUG, INFO, WARNING or ERROR"),
 ]
 _DEFAULTS = {name: default for name, default, _ in VARIABLES}
@@ -160,6 +165,8 @@ def _broker_url(value: str) -> str:
 
 def _seconds(value: str) -> float:
     number = float(value)
+    if not math.isfinite(number):
+        raise ValueError("must be a finite number of seconds")
     if number < 0:
         raise ValueError("must be zero or more seconds")
     return number
@@ -167,7 +174,7 @@ def _seconds(value: str) -> float:
 
 def _factor(value: str) -> float:
     number = float(value)
-    if number < 1:
+    if not math.isfinite(number) or number < 1:
         raise ValueError("must be 1 or more")
     return number
 

@@ -23,6 +23,7 @@ from sqlalchemy import (
 from sqlalchemy import Enum as SAEnum
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+from sqlalchemy.sql import func, text
 
 
 class DeliveryState(StrEnum):
@@ -150,7 +151,13 @@ class Delivery(Base):
 
     __tablename__ = "deliveries"
     __table_args__ = (
-        UniqueConstraint("message_id", "recipient"),
+        # one delivery per address and message, addresses compared without case
+        Index(
+            "uq_deliveries_message_id_recipient",
+            "message_id",
+            func.lower(text("recipient")),
+            unique=True,
+        ),
         Index(None, "state", "next_attempt_at"),
         Index(None, "message_id", "state"),
     )

@@ -104,29 +104,6 @@ def report(
         }
 
 
-def message_status(session: Session, message_id: int) -> dict[str, Any]:
-    message = session.get(Message, message_id)
-    if message is None:
-        raise NotFound(f"no message {message_id}")
-    rows = session.execute(
-        select(Delivery.recipient, Delivery.state, Delivery.last_code, Delivery.last_reply)
-        .where(Delivery.message_id == message_id)
-        .order_by(Delivery.id)
-    ).all()
-    return {
-        "id": message.id,
-        "deliveries": [
-            {
-                "recipient": r.recipient,
-                "state": r.state.value,
-                "code": r.last_code,
-                "reply": r.last_reply or "",
-            }
-            for r in rows
-        ],
-    }
-
-
 @dataclass
 class Selection:
     """Which deliveries an operator means: by campaign or message, state, last code, age."""

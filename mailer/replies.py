@@ -163,7 +163,7 @@ _PROTOCOL_CODES = (
 
 
 def classify(reply: SMTPReply, phase: Phase) -> ReplyClass:
-    """What a reply means for the recipients it concerns (the table in DESIGN.md)."""
+    """What a reply means for the recipients it concerns (the table in the README)."""
     code = reply.code
     if code is None:
         return _without_reply(phase)

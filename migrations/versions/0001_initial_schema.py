@@ -128,11 +128,13 @@ def upgrade() -> None:
             ["message_id"], ["messages.id"], name=op.f("fk_deliveries_message_id_messages")
         ),
         sa.PrimaryKeyConstraint("id", name=op.f("pk_deliveries")),
-        sa.UniqueConstraint(
-            "message_id", "recipient", name=op.f("uq_deliveries_message_id_recipient")
-        ),
     )
     with op.batch_alter_table("deliveries", schema=None) as batch_op:
+        batch_op.create_index(
+            "uq_deliveries_message_id_recipient",
+            ["message_id", sa.text("lower(recipient)")],
+            unique=True,
+        )
         batch_op.create_index(
             batch_op.f("ix_deliveries_message_id_state"), ["message_id", "state"], unique=False
         )
@@ -189,6 +191,7 @@ def downgrade() -> None:
     with op.batch_alter_table("deliveries", schema=None) as batch_op:
         batch_op.drop_index(batch_op.f("ix_deliveries_state_next_attempt_at"))
         batch_op.drop_index(batch_op.f("ix_deliveries_message_id_state"))
+        batch_op.drop_index("uq_deliveries_message_id_recipient")
 
     op.drop_table("deliveries")
     with op.batch_alter_table("messages", schema=None) as batch_op:
