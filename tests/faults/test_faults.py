@@ -226,17 +226,19 @@ def test_redis_restart_loses_the_queue(rig: Rig) -> None:
 def test_database_unreachable_for_15_seconds(rig: Rig, pg_db: str) -> None:
     """Workers and two dispatchers (one active, one standing by) reach PostgreSQL through a
     proxy that drops every connection and refuses new ones for 15 s. Writes are retried
-    (db.retrying) for half a lease; a chunk whose record gives up leaves its deliveries
-    `sending` until the lease runs out, so a few may go out twice (bounded); none may be lost.
+    (db.retrying: claims for half a lease, records for two leases); a chunk whose record gives
+    up leaves its deliveries `sending` until the lease runs out, so a few may go out twice
+    (bounded); none may be lost.
     Afterwards the dispatchers must still be there, one of them active."""
     proxy, through_proxy = rig.db_proxy(pg_db)
     env = {"MAILER_DATABASE_URL": through_proxy}
     _campaign()
-    worker = rig.worker(env=env)
+    # the dispatchers settle first: the worker is quick enough to finish while they start
     active = rig.dispatcher(env=env)
     assert wait_until(lambda: active.grep("dispatcher active"), 15), active.tail()
     standby = rig.dispatcher(env=env)
     assert wait_until(lambda: standby.grep("standing by"), 15), standby.tail()
+    worker = rig.worker(env=env)
     rig.wait_copies(MIDWAY)
     proxy.outage()
     _assert_mid_campaign(rig)
