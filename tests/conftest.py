@@ -211,3 +211,21 @@ def running_dispatcher() -> Iterator[Callable[[], None]]:
     stop.set()
     for thread in threads:
         thread.join(timeout=10)
+
+
+@pytest.fixture(scope="session")
+def ca() -> Any:
+    """A certificate authority of the tests' own (trustme)."""
+    import trustme
+
+    return trustme.CA()
+
+
+@pytest.fixture(scope="session")
+def server_ctx(ca: Any) -> Any:
+    """A server-side TLS context with a certificate for 127.0.0.1 and localhost from `ca`."""
+    import ssl
+
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("127.0.0.1", "localhost").configure_cert(ctx)
+    return ctx

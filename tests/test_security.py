@@ -125,11 +125,6 @@ def test_tls_verifies_certificates_and_host_names_by_default(url: str) -> None:
     session.close()
 
 
-@pytest.fixture(scope="module")
-def ca() -> trustme.CA:
-    return trustme.CA()
-
-
 @pytest.fixture
 def ca_file(ca: trustme.CA, tmp_path: Path) -> str:
     path = tmp_path / "ca.pem"

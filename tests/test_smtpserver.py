@@ -19,18 +19,6 @@ A, B = "alice@example.org", "bob@example.org"
 
 
 @pytest.fixture(scope="module")
-def ca() -> trustme.CA:
-    return trustme.CA()
-
-
-@pytest.fixture(scope="module")
-def server_ctx(ca: trustme.CA) -> ssl.SSLContext:
-    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    ca.issue_cert("127.0.0.1", "localhost").configure_cert(ctx)
-    return ctx
-
-
-@pytest.fixture(scope="module")
 def client_ctx(ca: trustme.CA) -> ssl.SSLContext:
     ctx = ssl.create_default_context()
     ca.configure_trust(ctx)
