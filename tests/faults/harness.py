@@ -44,6 +44,9 @@ TIMINGS: dict[str, Any] = {
     "retry_first_delay": 1,
     "relay_backoff": 2,
     "chunk_size": CHUNK,
+    # two sessions per process, not the default four: the threaded sending path still runs,
+    # and a campaign lasts long enough for a fault to land in its middle
+    "smtp_sessions": 2,
     "log_level": "INFO",
 }
 NOT_FINAL = ("queued", "sending", "deferred")
