@@ -9,8 +9,8 @@ run one statement per row. SQLite runs in-process, where executemany is cheap.
 from __future__ import annotations
 
 import functools
-from collections.abc import Mapping, Sequence
-from typing import Any
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from typing import Any, TypeVar
 
 from sqlalchemy import Table, TextClause, bindparam, text, update
 from sqlalchemy.dialects import sqlite
@@ -20,6 +20,19 @@ from sqlalchemy.orm import Session
 from mailer.models import Base
 
 Row = Mapping[str, Any]
+T = TypeVar("T")
+
+
+def chunks(items: Iterable[T], size: int) -> Iterator[list[T]]:
+    """Lists of up to `size` items, reading `items` once (it may be a stream)."""
+    chunk: list[T] = []
+    for item in items:
+        chunk.append(item)
+        if len(chunk) >= size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
 
 
 def insert_rows(

@@ -626,15 +626,9 @@ def relay_status() -> None:
 
     s = config.settings()
     with db.session_scope() as session:
-        state = outcomes.relay_state(session, s.smtp.name)
-        click.echo(f"relay {s.smtp.redacted()}")
-        if state is None or (not state.paused_reason and not state.backoff_until):
-            click.echo("healthy")
-            return
-        if state.paused_reason:
-            click.echo(f"paused: {state.paused_reason}")
-        if state.backoff_until and state.backoff_until > clock.now():
-            click.echo(f"resting until {state.backoff_until.isoformat()}")
+        block = outcomes.relay_block(session, s.smtp.name, clock.now())
+    click.echo(f"relay {s.smtp.redacted()}")
+    click.echo("healthy" if block is None else block.why)
 
 
 @relay_group.command("resume")

@@ -24,7 +24,7 @@ from mailer import clock, compose, db, outcomes, suppressions, templates
 from mailer.config import Settings
 from mailer.config import settings as current_settings
 from mailer.errors import InputError
-from mailer.models import DeliveryState, Message, Relay, Template
+from mailer.models import DeliveryState, Message, Template
 from mailer.outcomes import Claimed, Verdict
 from mailer.replies import Phase, ReplyClass, SMTPReply, classify
 from mailer.transport.base import Outgoing, Transport
@@ -136,9 +136,9 @@ def _claim(
     """Claim what is due among `ids` and load what sending it needs, in one transaction.
     Deliveries that must not go out (suppressed, expired) are closed here; while the relay is
     paused or resting nothing is claimed. Returns the work and how many were closed."""
-    wait = _relay_wait(outcomes.relay_state(session, relay), now)
-    if wait is not None:
-        outcomes.postpone(session, ids, wait, now)
+    block = outcomes.relay_block(session, relay, now)
+    if block is not None:
+        outcomes.postpone(session, ids, block.until, now)
         return [], 0
     claimed = outcomes.claim(session, ids, now, lease)
     if not claimed:
@@ -163,18 +163,6 @@ def _claim(
     if closed:
         outcomes.finish_unsent(session, closed, lease, now)
     return work, len(closed)
-
-
-def _relay_wait(state: Relay | None, now: datetime) -> datetime | None:
-    """Until when the relay cannot be used: paused (until resumed: due now, and the dispatcher
-    holds back while it is paused) or resting after throttling; None when it is usable."""
-    if state is None:
-        return None
-    if state.paused_reason:
-        return now
-    if state.backoff_until is not None and state.backoff_until > now:
-        return state.backoff_until
-    return None
 
 
 def _transactions(work: list[_Work]) -> Iterator[list[_Work]]:

@@ -44,9 +44,9 @@ def run_once(settings: Settings | None = None, *, backlog: int | None = -1) -> P
     report = PassReport()
     with db.session_scope() as session:
         report.expired = _expire(session, now)
-        blocked = _relay_blocked(session, s.smtp.name, now)
-        if blocked:
-            report.relay_blocked = blocked
+        block = outcomes.relay_block(session, s.smtp.name, now)
+        if block is not None:
+            report.relay_blocked = f"relay {s.smtp.name} {block.why}"
             return report
     if backlog == -1:
         backlog = publish.backlog()
@@ -60,17 +60,6 @@ def run_once(settings: Settings | None = None, *, backlog: int | None = -1) -> P
         if ids:
             report.published += publish.publish(ids, priority, s.chunk_size)
     return report
-
-
-def _relay_blocked(session: Session, relay: str, now: datetime) -> str | None:
-    state = outcomes.relay_state(session, relay)
-    if state is None:
-        return None
-    if state.paused_reason:
-        return f"relay {relay} paused: {state.paused_reason}"
-    if state.backoff_until and state.backoff_until > now:
-        return f"relay {relay} resting until {state.backoff_until.isoformat()}"
-    return None
 
 
 def _due(

@@ -128,7 +128,7 @@ def _write_message(
         suppressed = _suppressed(session, [a.key for a in unique])
         rows = [_delivery_row(message, a, None, suppressed, now) for a in unique]
         bulk.insert_rows(session, Delivery, rows, ignore_conflicts=True)
-        return message.id, _queued_ids(session, message.id)
+        return message.id, list(_queued_ids(session, message.id))
 
 
 @dataclass
@@ -182,7 +182,7 @@ def send_campaign(
         )
         result = CampaignResult(campaign.id, message.id)
         seen = 0
-        for batch in _batches(_numbered(recipients), BATCH):
+        for batch in bulk.chunks(_numbered(recipients), BATCH):
             rows = _campaign_rows(
                 session, tmpl, message, ctx, batch, now, result, skip_invalid, first=seen == 0
             )
@@ -200,9 +200,7 @@ def send_campaign(
             raise InputError("no valid recipient in the list; nothing was queued")
     if _due(send_at, now):
         with db.session_scope() as session:
-            publish.publish(
-                _stream_queued_ids(session, message.id), Priority.BULK, settings().chunk_size
-            )
+            publish.publish(_queued_ids(session, message.id), Priority.BULK, settings().chunk_size)
     return result
 
 
@@ -372,17 +370,7 @@ def _by_key(session: Session, key: str) -> int | None:
     return session.scalar(select(Message.id).where(Message.idempotency_key == key))
 
 
-def _queued_ids(session: Session, message_id: int) -> list[int]:
-    return list(
-        session.scalars(
-            select(Delivery.id).where(
-                Delivery.message_id == message_id, Delivery.state == DeliveryState.QUEUED
-            )
-        )
-    )
-
-
-def _stream_queued_ids(session: Session, message_id: int) -> Iterable[int]:
+def _queued_ids(session: Session, message_id: int) -> Iterable[int]:
     result = session.execute(
         select(Delivery.id)
         .where(Delivery.message_id == message_id, Delivery.state == DeliveryState.QUEUED)
@@ -408,16 +396,3 @@ def _due(send_at: datetime | None, now: datetime) -> bool:
 def _numbered(rows: Iterable[RecipientRow]) -> Iterable[tuple[int, Mapping[str, Any]]]:
     for index, row in enumerate(rows, start=1):
         yield row if isinstance(row, tuple) else (index, row)
-
-
-def _batches(
-    rows: Iterable[tuple[int, Mapping[str, Any]]], size: int
-) -> Iterable[list[tuple[int, Mapping[str, Any]]]]:
-    batch: list[tuple[int, Mapping[str, Any]]] = []
-    for row in rows:
-        batch.append(row)
-        if len(batch) == size:
-            yield batch
-            batch = []
-    if batch:
-        yield batch

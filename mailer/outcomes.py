@@ -291,7 +291,7 @@ def requeue(session: Session, ids: Select[Any], now: datetime, *, include_suppre
     if include_suppressed and chosen:
         recipients = select(func.lower(Delivery.recipient)).where(Delivery.id.in_(chosen))
         session.execute(delete(Suppression).where(Suppression.address.in_(recipients)))
-    for part in _slices(chosen):
+    for part in bulk.chunks(chosen, 5000):
         session.execute(
             update(Delivery)
             .where(Delivery.id.in_(part), Delivery.state.in_(_RETRYABLE))
@@ -340,11 +340,6 @@ _RETRYABLE = (S.FAILED, S.EXPIRED, S.UNKNOWN, S.BOUNCED, S.CANCELLED, S.SUPPRESS
 _CANCELLABLE = (S.QUEUED, S.DEFERRED)
 
 
-def _slices(ids: list[int], size: int = 5000) -> Iterable[list[int]]:
-    for start in range(0, len(ids), size):
-        yield ids[start : start + size]
-
-
 def pause_campaign(session: Session, campaign_id: int, paused: bool, now: datetime) -> None:
     """Pause: no more of its deliveries are claimed (in-flight ones finish). Resume: the
     dispatcher wakes every waiting delivery on its next pass."""
@@ -384,3 +379,24 @@ def _upsert_relay(session: Session, name: str, values: dict[str, Any]) -> None:
 
 def relay_state(session: Session, name: str) -> Relay | None:
     return session.get(Relay, name)
+
+
+@dataclass(frozen=True)
+class RelayBlock:
+    """Why the relay cannot be used now, and until when (paused: until an operator resumes
+    it; the work is due again at once, and the dispatcher holds back meanwhile)."""
+
+    until: datetime
+    why: str
+
+
+def relay_block(session: Session, name: str, now: datetime) -> RelayBlock | None:
+    """None when the relay is usable."""
+    state = relay_state(session, name)
+    if state is None:
+        return None
+    if state.paused_reason:
+        return RelayBlock(now, f"paused: {state.paused_reason}")
+    if state.backoff_until is not None and state.backoff_until > now:
+        return RelayBlock(state.backoff_until, f"resting until {state.backoff_until.isoformat()}")
+    return None

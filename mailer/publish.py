@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Sequence
 
 from kombu.exceptions import ChannelError, OperationalError
 
+from mailer import bulk
 from mailer.celery_app import app
 from mailer.models import Priority
 
@@ -20,17 +21,6 @@ _ONE_QUICK_RETRY = {
 }
 
 
-def chunks(ids: Iterable[int], size: int) -> Iterator[list[int]]:
-    chunk: list[int] = []
-    for delivery_id in ids:
-        chunk.append(delivery_id)
-        if len(chunk) >= size:
-            yield chunk
-            chunk = []
-    if chunk:
-        yield chunk
-
-
 def publish(ids: Iterable[int], priority: Priority, chunk_size: int) -> int:
     """Publish the ids in chunks; returns how many ids went out. A broker that is down is
     logged, not raised: the rows are committed and the dispatcher publishes them later."""
@@ -39,7 +29,7 @@ def publish(ids: Iterable[int], priority: Priority, chunk_size: int) -> int:
         # a connection from the settings in force now (not a pool made under older settings)
         with app.connection_for_write() as connection:
             producer = app.amqp.Producer(connection)
-            for chunk in chunks(ids, chunk_size):
+            for chunk in bulk.chunks(ids, chunk_size):
                 app.send_task(
                     TASK,
                     args=[chunk],
