@@ -20,7 +20,7 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from mailer import clock, compose, db, outcomes, suppressions, templates
+from mailer import bulk, clock, compose, db, outcomes, suppressions, templates
 from mailer.config import Settings
 from mailer.config import settings as current_settings
 from mailer.errors import InputError
@@ -146,7 +146,7 @@ def _claim(
     loaded = session.execute(
         select(Message, Template)
         .join(Template, Message.template_id == Template.id)
-        .where(Message.id.in_({c.message_id for c in claimed}))
+        .where(bulk.among(session, Message.id, {c.message_id for c in claimed}))
     ).all()
     messages = {message.id: (message, template) for message, template in loaded}
     suppressed = suppressions.suppressed(session, [c.recipient.lower() for c in claimed])

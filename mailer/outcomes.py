@@ -84,7 +84,7 @@ def claim(session: Session, ids: Sequence[int], now: datetime, lease: datetime) 
     )
     rows = session.execute(
         update(Delivery)
-        .where(Delivery.id.in_(ids), claimable(now), ~paused)
+        .where(bulk.among(session, Delivery.id, ids), claimable(now), ~paused)
         .values(state=S.SENDING, lease_until=lease, updated_at=now)
         .returning(
             Delivery.id,
@@ -104,7 +104,7 @@ def postpone(session: Session, ids: Sequence[int], until: datetime, now: datetim
     session.execute(
         update(Delivery)
         .where(
-            Delivery.id.in_(ids),
+            bulk.among(session, Delivery.id, ids),
             Delivery.state.in_([S.QUEUED, S.DEFERRED]),
             Delivery.next_attempt_at < until,  # never bring a planned retry forward
         )
@@ -247,7 +247,9 @@ def release(
     session.execute(
         update(Delivery)
         .where(
-            Delivery.id.in_(list(ids)), Delivery.state == S.SENDING, Delivery.lease_until == lease
+            bulk.among(session, Delivery.id, ids),
+            Delivery.state == S.SENDING,
+            Delivery.lease_until == lease,
         )
         .values(state=state, lease_until=None, next_attempt_at=not_before, updated_at=now)
     )
@@ -392,7 +394,9 @@ class RelayBlock:
 
 def relay_block(session: Session, name: str, now: datetime) -> RelayBlock | None:
     """None when the relay is usable."""
-    state = relay_state(session, name)
+    state = session.execute(
+        select(Relay.paused_reason, Relay.backoff_until).where(Relay.name == name)
+    ).first()
     if state is None:
         return None
     if state.paused_reason:

@@ -9,7 +9,7 @@ from typing import Any
 from sqlalchemy import delete, select
 from sqlalchemy.orm import Session
 
-from mailer import addresses, db
+from mailer import addresses, bulk, db
 from mailer.models import Suppression
 
 Entry = tuple[str, str, int | None]  # address, reason, source delivery
@@ -51,5 +51,7 @@ def suppressed(session: Session, keys: list[str]) -> dict[str, str]:
     """Of these lower-cased addresses, those on the list, with the reason."""
     if not keys:
         return {}
-    query = select(Suppression.address, Suppression.reason).where(Suppression.address.in_(keys))
+    query = select(Suppression.address, Suppression.reason).where(
+        bulk.among(session, Suppression.address, keys)
+    )
     return {address: reason for address, reason in session.execute(query)}

@@ -140,7 +140,12 @@ def _compile(env: jinja2.Environment, source: str, what: str) -> jinja2.Template
                 f"{what}, line {node.lineno}: {name!r} is not allowed; a template may use the "
                 "context's values and their public attributes, never names starting with '_'"
             )
-    return env.from_string(tree)
+    template = env.from_string(tree)
+    # Jinja2 keeps a template's globals as a ChainMap over the environment's, so that later
+    # changes to those show through; ours never change, and copying a ChainMap into every
+    # render's context cost more than the render itself (59 -> 24 us for the bench template)
+    template.globals = dict(template.globals)
+    return template
 
 
 def _private_name(node: nodes.Node) -> str | None:
