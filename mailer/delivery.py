@@ -196,7 +196,9 @@ def _attempt(group: list[_Work], relay: Transport) -> list[Verdict]:
     batches = [outgoing.recipients]
     while batches:
         batch = batches.pop(0)
-        result = relay.send(replace(outgoing, recipients=batch))
+        result = relay.send(
+            outgoing if batch == outgoing.recipients else replace(outgoing, recipients=batch)
+        )
         again = []
         for r in result.results:
             klass = classify(r.reply, r.phase)

@@ -94,6 +94,8 @@ def claim(session: Session, ids: Sequence[int], now: datetime, lease: datetime) 
             Delivery.attempts,
             Delivery.created_at,
         )
+        # the rows come back as plain tuples: nothing in this session's identity map to update
+        .execution_options(synchronize_session=False)
     ).all()
     return sorted((Claimed(*row) for row in rows), key=lambda c: c.id)
 

@@ -100,7 +100,9 @@ class SMTPReply:
         the reply code, as read off the wire ("550-5.7.1 ..."), lose it as smtplib would drop it.
         """
         text = message.decode("utf-8", "replace") if isinstance(message, bytes) else message
-        text = _without_reply_code(int(code), text.strip())
+        text = text.strip()
+        if "\n" in text or text[:3].isdigit():  # a one-line "2.0.0 Ok" carries no reply code
+            text = _without_reply_code(int(code), text)
         match = _ENHANCED.match(text)
         return cls(code=code, text=text, enhanced=match.group(0) if match else None)
 

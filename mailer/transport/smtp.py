@@ -22,7 +22,6 @@ import threading
 import time
 import weakref
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 
 from mailer import clock
 from mailer.errors import RelayError
@@ -464,13 +463,29 @@ def _check_step(smtp: smtplib.SMTP, say: Report, step: str, expected: ReplyCode)
     return True
 
 
-@contextmanager
-def _phase(phase: Phase) -> Iterator[None]:
-    """Turn a failure inside the block into _Failed at `phase` (a TLS failure: at Phase.TLS)."""
-    try:
-        yield
-    except (smtplib.SMTPException, OSError) as exc:
-        raise _failure(exc, phase) from None
+class _Phase:
+    """Turn a failure inside the block into _Failed at `phase` (a TLS failure: at Phase.TLS).
+    A class, and one instance per phase: a generator-based context manager cost several
+    microseconds on every command."""
+
+    __slots__ = ("phase",)
+
+    def __init__(self, phase: Phase) -> None:
+        self.phase = phase
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, kind: object, exc: BaseException | None, tb: object) -> None:
+        if isinstance(exc, smtplib.SMTPException | OSError):
+            raise _failure(exc, self.phase) from None
+
+
+_PHASES = {phase: _Phase(phase) for phase in Phase}
+
+
+def _phase(phase: Phase) -> _Phase:
+    return _PHASES[phase]
 
 
 def _failure(exc: smtplib.SMTPException | OSError, phase: Phase) -> _Failed:
