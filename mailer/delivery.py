@@ -8,6 +8,7 @@ chunk and hands the untried deliveries back without spending their attempts.
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from collections import deque
@@ -17,7 +18,7 @@ from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import Row, Select, select
 from sqlalchemy.orm import Session
 
 from mailer import bulk, clock, compose, db, outcomes, suppressions, templates
@@ -41,8 +42,7 @@ FLUSH_SECONDS = 1.0
 @dataclass
 class _Work:
     delivery: Claimed
-    message: Message
-    template: Template
+    message: Row[Any]  # the message's columns and its template's (_sources)
 
 
 @dataclass
@@ -143,26 +143,36 @@ def _claim(
     claimed = outcomes.claim(session, ids, now, lease)
     if not claimed:
         return [], 0
-    loaded = session.execute(
-        select(Message, Template)
-        .join(Template, Message.template_id == Template.id)
-        .where(bulk.among(session, Message.id, {c.message_id for c in claimed}))
-    ).all()
-    messages = {message.id: (message, template) for message, template in loaded}
+    sources = {"ids": list({c.message_id for c in claimed})}
+    loaded = session.connection().execute(_sources(bulk.postgresql(session)), sources)
+    messages = {message.id: message for message in loaded}
     suppressed = suppressions.suppressed(session, [c.recipient.lower() for c in claimed])
     closed: dict[int, tuple[DeliveryState, str]] = {}
     work: list[_Work] = []
     for c in claimed:
-        message, template = messages[c.message_id]
+        message = messages[c.message_id]
         if message.expires_at is not None and now >= message.expires_at:
             closed[c.id] = (S.EXPIRED, f"message expired at {message.expires_at.isoformat()}")
         elif c.recipient.lower() in suppressed:
             closed[c.id] = (S.SUPPRESSED, f"suppressed: {suppressed[c.recipient.lower()]}")
         else:
-            work.append(_Work(c, message, template))
+            work.append(_Work(c, message))
     if closed:
         outcomes.finish_unsent(session, closed, lease, now)
     return work, len(closed)
+
+
+@functools.cache
+def _sources(postgresql: bool) -> Select[Any]:
+    """The messages (and their templates) that claimed deliveries belong to, as plain rows:
+    loading ORM objects cost more than the query."""
+    m, t = Message, Template
+    return (
+        select(m.id, m.from_addr, m.context, m.headers, m.token, m.expires_at)
+        .add_columns(t.name, t.version, t.subject, t.text, t.html)
+        .join(t, m.template_id == t.id)
+        .where(bulk.among(m.id, "ids", postgresql))
+    )
 
 
 def _transactions(work: list[_Work]) -> Iterator[list[_Work]]:
@@ -259,7 +269,7 @@ def _compose(group: list[_Work]) -> Outgoing:
     context: dict[str, Any] = {"email": first.delivery.recipient, **message.context}
     if first.delivery.context is not None:
         context.update(first.delivery.context)
-    rendered = templates.compiled(first.template).render(context)
+    rendered = templates.compiled(message).render(context)
     headers = templates.render_headers(message.headers, context)
     recipients = tuple(w.delivery.recipient for w in group)
     domain = message.from_addr.rpartition("@")[2]

@@ -8,6 +8,7 @@ a worker whose lease ran out (and whose deliveries were handed to another) chang
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -65,7 +66,7 @@ class Claimed:
 # --- claim -------------------------------------------------------------------------------------
 
 
-def claimable(now: datetime) -> Any:
+def claimable(now: Any) -> Any:
     return or_(
         and_(Delivery.state.in_([S.QUEUED, S.DEFERRED]), Delivery.next_attempt_at <= now),
         and_(Delivery.state == S.SENDING, Delivery.lease_until < now),
@@ -76,16 +77,25 @@ def claim(session: Session, ids: Sequence[int], now: datetime, lease: datetime) 
     """Take the due deliveries among `ids` for this worker until `lease` (which then fences
     `record`); an empty list when another worker holds or finished them all. Deliveries of a
     paused campaign are not taken."""
+    params = {"ids": list(ids), "now": now, "lease": lease}
+    rows = session.connection().execute(_claim(bulk.postgresql(session)), params)
+    return sorted((Claimed(*row) for row in rows), key=lambda c: c.id)
+
+
+@functools.cache
+def _claim(postgresql: bool) -> Any:
+    # built once per dialect: building it cost more than the database's work on every chunk
+    now = bindparam("now", type_=Delivery.next_attempt_at.type)
     paused = (
         select(Campaign.id)
         .join(Message, Message.campaign_id == Campaign.id)
         .where(Message.id == Delivery.message_id, Campaign.paused.is_(True))
         .exists()
     )
-    rows = session.execute(
+    return (
         update(Delivery)
-        .where(bulk.among(session, Delivery.id, ids), claimable(now), ~paused)
-        .values(state=S.SENDING, lease_until=lease, updated_at=now)
+        .where(bulk.among(Delivery.id, "ids", postgresql), claimable(now), ~paused)
+        .values(state=S.SENDING.value, lease_until=bindparam("lease"), updated_at=now)
         .returning(
             Delivery.id,
             Delivery.message_id,
@@ -94,10 +104,7 @@ def claim(session: Session, ids: Sequence[int], now: datetime, lease: datetime) 
             Delivery.attempts,
             Delivery.created_at,
         )
-        # the rows come back as plain tuples: nothing in this session's identity map to update
-        .execution_options(synchronize_session=False)
-    ).all()
-    return sorted((Claimed(*row) for row in rows), key=lambda c: c.id)
+    )
 
 
 def postpone(session: Session, ids: Sequence[int], until: datetime, now: datetime) -> None:
@@ -106,11 +113,12 @@ def postpone(session: Session, ids: Sequence[int], until: datetime, now: datetim
     session.execute(
         update(Delivery)
         .where(
-            bulk.among(session, Delivery.id, ids),
+            bulk.among(Delivery.id, "ids", bulk.postgresql(session)),
             Delivery.state.in_([S.QUEUED, S.DEFERRED]),
             Delivery.next_attempt_at < until,  # never bring a planned retry forward
         )
-        .values(next_attempt_at=until, updated_at=now)
+        .values(next_attempt_at=until, updated_at=now),
+        {"ids": list(ids)},
     )
 
 
@@ -249,11 +257,12 @@ def release(
     session.execute(
         update(Delivery)
         .where(
-            bulk.among(session, Delivery.id, ids),
+            bulk.among(Delivery.id, "ids", bulk.postgresql(session)),
             Delivery.state == S.SENDING,
             Delivery.lease_until == lease,
         )
-        .values(state=state, lease_until=None, next_attempt_at=not_before, updated_at=now)
+        .values(state=state, lease_until=None, next_attempt_at=not_before, updated_at=now),
+        {"ids": list(ids)},
     )
 
 
@@ -394,11 +403,14 @@ class RelayBlock:
     why: str
 
 
+_relay_health_of = select(Relay.paused_reason, Relay.backoff_until).where(
+    Relay.name == bindparam("name")
+)
+
+
 def relay_block(session: Session, name: str, now: datetime) -> RelayBlock | None:
     """None when the relay is usable."""
-    state = session.execute(
-        select(Relay.paused_reason, Relay.backoff_until).where(Relay.name == name)
-    ).first()
+    state = session.connection().execute(_relay_health_of, {"name": name}).first()
     if state is None:
         return None
     if state.paused_reason:

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable, Iterator
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import delete, select
+from sqlalchemy import Select, delete, select
 from sqlalchemy.orm import Session
 
 from mailer import addresses, bulk, db
@@ -51,7 +52,12 @@ def suppressed(session: Session, keys: list[str]) -> dict[str, str]:
     """Of these lower-cased addresses, those on the list, with the reason."""
     if not keys:
         return {}
-    query = select(Suppression.address, Suppression.reason).where(
-        bulk.among(session, Suppression.address, keys)
+    rows = session.connection().execute(_suppressed(bulk.postgresql(session)), {"keys": keys})
+    return {address: reason for address, reason in rows}
+
+
+@functools.cache
+def _suppressed(postgresql: bool) -> Select[str, str]:
+    return select(Suppression.address, Suppression.reason).where(
+        bulk.among(Suppression.address, "keys", postgresql)
     )
-    return {address: reason for address, reason in session.execute(query)}

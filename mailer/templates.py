@@ -13,7 +13,7 @@ from __future__ import annotations
 import functools
 import re
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import jinja2
 import jinja2.meta
@@ -171,7 +171,17 @@ def compile_parts(label: str, subject: str, text: str, html: str | None) -> Comp
 _cache: dict[tuple[str, int, str, str, str | None], Compiled] = {}
 
 
-def compiled(template: Template) -> Compiled:
+class Source(Protocol):
+    """A stored template version: the model, or a row of its columns."""
+
+    name: str
+    version: int
+    subject: str
+    text: str
+    html: str | None
+
+
+def compiled(template: Source) -> Compiled:
     key = (template.name, template.version, template.subject, template.text, template.html)
     found = _cache.get(key)
     if found is None:
