@@ -158,8 +158,20 @@ class Delivery(Base):
             func.lower(text("recipient")),
             unique=True,
         ),
-        Index(None, "state", "next_attempt_at"),
-        Index(None, "message_id", "state"),
+        # what the dispatcher looks for; partial, so that a claim or an outcome, which moves a
+        # delivery out of these states, adds no entry to them (migration 0002)
+        Index(
+            "ix_deliveries_due",
+            "next_attempt_at",
+            postgresql_where=text("state IN ('queued', 'deferred')"),
+            sqlite_where=text("state IN ('queued', 'deferred')"),
+        ),
+        Index(
+            "ix_deliveries_leased",
+            "lease_until",
+            postgresql_where=text("state = 'sending'"),
+            sqlite_where=text("state = 'sending'"),
+        ),
     )
 
     id: Mapped[int] = mapped_column(primary_key=True)

@@ -27,6 +27,22 @@ def test_upgrade_is_idempotent(any_db: str) -> None:
     assert migrate.current(any_db) is not None
 
 
+def test_every_revision_downgrades_and_upgrades_again(tmp_path: object) -> None:
+    """On a database of its own (SQLite): down to nothing and back up, step by step."""
+    from alembic import command
+
+    from mailer import migrate
+
+    url = f"sqlite:///{tmp_path}/down.db"
+    migrate.upgrade(url)
+    head = migrate.current(url)
+    config = migrate.alembic_config(url)
+    command.downgrade(config, "base")
+    assert migrate.current(url) is None
+    migrate.upgrade(url)
+    assert migrate.current(url) == head
+
+
 def test_one_delivery_per_address_whatever_its_case(any_db: str) -> None:
     """The unique index on (message, lower(recipient)): autogenerate cannot compare
     expression indexes on SQLite, so this checks the database itself."""
