@@ -164,7 +164,7 @@ class SMTPSession:
         with _phase(phase):
             if command is not None:
                 smtp.send(command + _CRLF)
-            reply = _read(smtp)
+            reply = _read(smtp, _envelope_replies)
         if _closes(reply):
             raise _Failed(reply, phase)
         return reply
@@ -477,8 +477,11 @@ class _Phase:
         return None
 
     def __exit__(self, kind: object, exc: BaseException | None, tb: object) -> None:
-        if isinstance(exc, smtplib.SMTPException | OSError):
+        if exc is not None and isinstance(exc, _NETWORK_ERRORS):
             raise _failure(exc, self.phase) from None
+
+
+_NETWORK_ERRORS = (smtplib.SMTPException, OSError)
 
 
 _PHASES = {phase: _Phase(phase) for phase in Phase}
@@ -519,12 +522,24 @@ def _retry_reason(failed: _Failed, reused: bool, pipelined: bool) -> _Retry | No
     return None
 
 
-def _read(smtp: smtplib.SMTP) -> SMTPReply:
+# A server answers MAIL, RCPT and DATA with the same few lines message after message: each is
+# parsed once per process (a bounded number of them; a server that echoes the address in every
+# reply fills the table once, then its replies are parsed each time).
+_envelope_replies: dict[tuple[int, bytes], SMTPReply] = {}
+_ENVELOPE_REPLIES_KEPT = 256
+
+
+def _read(smtp: smtplib.SMTP, seen: dict[tuple[int, bytes], SMTPReply] | None = None) -> SMTPReply:
     code, text = smtp.getreply()
+    if seen is not None and (reply := seen.get((code, text))) is not None:
+        return reply
     if code // 100 not in _REPLY_DIGITS:
         # a garbled reply: the dialogue is out of step and the session cannot go on
         raise smtplib.SMTPServerDisconnected(f"unreadable reply {text[:80]!r}")
-    return SMTPReply.of(code, text)
+    reply = SMTPReply.of(code, text)
+    if seen is not None and len(seen) < _ENVELOPE_REPLIES_KEPT:
+        seen[(code, text)] = reply  # frozen: safe to share between sessions and threads
+    return reply
 
 
 def _envelope(out: Outgoing, options: list[str]) -> list[str]:
