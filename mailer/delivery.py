@@ -42,7 +42,29 @@ FLUSH_SECONDS = 1.0
 @dataclass
 class _Work:
     delivery: Claimed
-    message: Row[Any]  # the message's columns and its template's (_sources)
+    message: _Message
+
+
+@dataclass(slots=True)
+class _Message:
+    """A message as sending needs it, shared by its deliveries in a chunk."""
+
+    id: int
+    from_addr: str
+    domain: str
+    context: dict[str, Any]
+    headers: dict[str, str]
+    token: str
+    expires_at: datetime | None
+    source: Row[Any]  # with its template's columns (_sources)
+    compiled: templates.Compiled | None = None
+
+    def template(self) -> templates.Compiled:
+        # compiled on first use, in the attempt: a template that fails fails its deliveries
+        # alone, as a poison message should, not the claim
+        if self.compiled is None:
+            self.compiled = templates.compiled(self.source)
+        return self.compiled
 
 
 @dataclass
@@ -145,7 +167,19 @@ def _claim(
         return [], 0
     sources = {"ids": list({c.message_id for c in claimed})}
     loaded = session.connection().execute(_sources(bulk.postgresql(session)), sources)
-    messages = {message.id: message for message in loaded}
+    messages = {
+        m.id: _Message(
+            m.id,
+            m.from_addr,
+            m.from_addr.rpartition("@")[2],
+            m.context,
+            m.headers,
+            m.token,
+            m.expires_at,
+            m,
+        )
+        for m in loaded
+    }
     suppressed = suppressions.suppressed(session, [c.recipient.lower() for c in claimed])
     closed: dict[int, tuple[DeliveryState, str]] = {}
     work: list[_Work] = []
@@ -269,17 +303,16 @@ def _compose(group: list[_Work]) -> Outgoing:
     context: dict[str, Any] = {"email": first.delivery.recipient, **message.context}
     if first.delivery.context is not None:
         context.update(first.delivery.context)
-    rendered = templates.compiled(message).render(context)
+    rendered = message.template().render(context)
     headers = templates.render_headers(message.headers, context)
     recipients = tuple(w.delivery.recipient for w in group)
-    domain = message.from_addr.rpartition("@")[2]
     own = first.delivery.id if first.delivery.context is not None else None
     smtputf8 = not all(a.isascii() for a in (message.from_addr, *recipients))
     data = compose.build(
         rendered,
         from_addr=message.from_addr,
         to=recipients,
-        msg_id=compose.message_id(message.token, domain, own),
+        msg_id=compose.message_id(message.token, message.domain, own),
         date=clock.now(),
         headers=headers,
         smtputf8=smtputf8,
