@@ -95,6 +95,7 @@ def show_config() -> None:
     click.echo(f"broker:   {_hide(s.broker_url)}")
     click.echo(f"relay:    {s.smtp.redacted()}")
     click.echo(f"from:     {s.from_addr or '(unset: pass --from or set MAILER_FROM)'}")
+    click.echo(f"sessions: {s.smtp_sessions} per worker process")
     click.echo("")
     for name, default, meaning in config.VARIABLES:
         click.echo(f"{name:28} {meaning} [default: {default or 'none'}]")

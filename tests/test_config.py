@@ -43,3 +43,23 @@ def test_postgresql_urls_use_psycopg_and_passwords_are_not_shown() -> None:
     with pytest.raises(ConfigError) as refused:
         config.load({"MAILER_SMTP_URL": "smtp://apikey:s3cret"})
     assert "s3cret" not in str(refused.value)
+
+
+@pytest.mark.parametrize(
+    ("relay", "sessions"),
+    [
+        ("smtp://localhost:25", 1),
+        ("smtp://127.0.0.1:2525", 1),
+        ("smtp://127.0.0.53", 1),
+        ("smtp://[::1]:25", 1),
+        ("smtp://mail.localhost", 1),
+        ("smtp://relay.example.com:587", 4),
+        ("smtp://10.0.0.7:25", 4),
+        ("smtps://[2001:db8::1]:465", 4),
+    ],
+)
+def test_sessions_by_default_depend_on_where_the_relay_is(relay: str, sessions: int) -> None:
+    assert config.load({"MAILER_SMTP_URL": relay}).smtp_sessions == sessions
+    chosen = {"MAILER_SMTP_URL": relay, "MAILER_SMTP_SESSIONS": "8"}
+    assert config.load(chosen).smtp_sessions == 8
+    assert config.load({**chosen, "MAILER_SMTP_SESSIONS": "AUTO"}).smtp_sessions == sessions
