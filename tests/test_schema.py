@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
+from sqlalchemy import create_engine, text
 
 from mailer import db
 from mailer.models import Base
+from tests.conftest import PG_SCHEMA, PG_URL
 
 
 @pytest.mark.filterwarnings("ignore:autogenerate skipping metadata-specified expression")
@@ -27,20 +31,46 @@ def test_upgrade_is_idempotent(any_db: str) -> None:
     assert migrate.current(any_db) is not None
 
 
-def test_every_revision_downgrades_and_upgrades_again(tmp_path: object) -> None:
-    """On a database of its own (SQLite): down to nothing and back up, step by step."""
+@pytest.mark.parametrize("kind", ["sqlite", "postgresql"])
+def test_every_revision_downgrades_and_upgrades_again(
+    kind: str, tmp_path: Path, postgres_url: str | None
+) -> None:
+    """On a database of its own: down to nothing and back up."""
     from alembic import command
 
     from mailer import migrate
 
-    url = f"sqlite:///{tmp_path}/down.db"
-    migrate.upgrade(url)
-    head = migrate.current(url)
-    config = migrate.alembic_config(url)
-    command.downgrade(config, "base")
-    assert migrate.current(url) is None
-    migrate.upgrade(url)
-    assert migrate.current(url) == head
+    if kind == "sqlite":
+        url = f"sqlite:///{tmp_path}/down.db"
+    else:
+        if postgres_url is None:
+            pytest.skip("PostgreSQL not reachable")
+        url = _fresh_pg_schema(f"{PG_SCHEMA}_down")
+    try:
+        migrate.upgrade(url)
+        head = migrate.current(url)
+        command.downgrade(migrate.alembic_config(url), "base")
+        assert migrate.current(url) is None
+        migrate.upgrade(url)
+        assert migrate.current(url) == head
+    finally:
+        db.reset()
+        if kind == "postgresql":
+            _pg_admin(f"DROP SCHEMA IF EXISTS {PG_SCHEMA}_down CASCADE")
+
+
+def _pg_admin(*statements: str) -> None:
+    admin = create_engine(PG_URL, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        for statement in statements:
+            conn.execute(text(statement))
+    admin.dispose()
+
+
+def _fresh_pg_schema(schema: str) -> str:
+    _pg_admin(f"DROP SCHEMA IF EXISTS {schema} CASCADE", f"CREATE SCHEMA {schema}")
+    sep = "&" if "?" in PG_URL else "?"
+    return f"{PG_URL}{sep}options=-csearch_path%3D{schema}"
 
 
 def test_one_delivery_per_address_whatever_its_case(any_db: str) -> None:
