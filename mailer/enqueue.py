@@ -320,7 +320,8 @@ def _context(context: Mapping[str, Any] | None) -> dict[str, Any]:
     cannot store one, and no mail should carry one)."""
     ctx = dict(context or {})
     try:
-        encoded = json.dumps(ctx)
+        # NaN and infinities are not JSON: PostgreSQL would store them as null
+        encoded = json.dumps(ctx, allow_nan=False)
     except (TypeError, ValueError) as exc:
         raise InputError(f"the context must be JSON: {exc}") from None
     if len(encoded) > MAX_CONTEXT_BYTES:

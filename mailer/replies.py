@@ -100,7 +100,7 @@ class SMTPReply:
         the reply code, as read off the wire ("550-5.7.1 ..."), lose it as smtplib would drop it.
         """
         text = message.decode("utf-8", "replace") if isinstance(message, bytes) else message
-        text = text.strip()
+        text = _storable(text.strip())
         if "\n" in text or text[:3].isdigit():  # a one-line "2.0.0 Ok" carries no reply code
             text = _without_reply_code(int(code), text)
         match = _ENHANCED.match(text)
@@ -108,10 +108,16 @@ class SMTPReply:
 
     @classmethod
     def lost(cls, why: str) -> SMTPReply:
-        return cls(code=None, text=why)
+        return cls(code=None, text=_storable(why))
 
     def __str__(self) -> str:
         return f"{self.code} {self.text}" if self.code is not None else f"(no reply: {self.text})"
+
+
+def _storable(text: str) -> str:
+    # a NUL from a broken or hostile server: PostgreSQL refuses it in text, and an outcome that
+    # cannot be recorded is sent again after its lease, for ever
+    return text.replace("\0", "\ufffd") if "\0" in text else text
 
 
 def _without_reply_code(code: int, text: str) -> str:

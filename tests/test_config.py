@@ -53,6 +53,8 @@ def test_postgresql_urls_use_psycopg_and_passwords_are_not_shown() -> None:
         ("smtp://127.0.0.53", 1),
         ("smtp://[::1]:25", 1),
         ("smtp://mail.localhost", 1),
+        ("smtp://LOCALHOST.:25", 1),
+        ("smtp://[::ffff:127.0.0.1]:25", 1),
         ("smtp://relay.example.com:587", 4),
         ("smtp://10.0.0.7:25", 4),
         ("smtps://[2001:db8::1]:465", 4),

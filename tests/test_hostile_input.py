@@ -915,6 +915,21 @@ def test_a_campaign_row_that_is_not_json_is_refused(sqlite_db: str) -> None:
     )
 
 
+@pytest.mark.parametrize("number", [float("nan"), float("inf"), float("-inf")])
+def test_a_number_json_cannot_hold_is_refused_not_stored_as_null(
+    any_db: str, number: float
+) -> None:
+    add_template()
+    rows = [GOOD, {"email": "b@example.com", "name": "B", "score": number}]
+    refused(
+        InputError,
+        "^recipient 2: the context must be JSON: Out of range float values",
+        enqueue.send_campaign,
+        "welcome",
+        rows,
+    )
+
+
 @pytest.mark.parametrize("call", ["idempotency_key", "campaign_name"])
 def test_nul_in_an_idempotency_key_or_a_campaign_name_is_refused(any_db: str, call: str) -> None:
     add_template()

@@ -133,6 +133,20 @@ def test_dispatcher_republishes_deliveries_whose_lease_expired(any_db: str, conf
     assert states() == {"a@example.com": "sent"}
 
 
+def test_a_reply_with_a_nul_is_recorded_and_not_sent_again(any_db: str) -> None:
+    # PostgreSQL cannot store a NUL in text: an outcome that could not be written would be
+    # sent again after its lease, for ever
+    add_template()
+    transport = MemoryTransport()
+    transport.script("a@example.com", Phase.DOT, SMTPReply.of(250, b"2.0.0 Ok\x00 queued"))
+    enqueue.send("welcome", "a@example.com", {"name": "A"})
+    deliver_chunk(_ids(), transport=transport)
+    assert states() == {"a@example.com": "sent"}
+    [attempt] = attempts_of("a@example.com")
+    assert attempt.reply == "2.0.0 Ok\ufffd queued"
+    assert deliveries()[0].last_reply == "2.0.0 Ok\ufffd queued"
+
+
 def test_hard_bounce_suppresses_and_suppressed_addresses_are_not_queued(any_db: str) -> None:
     add_template()
     transport = MemoryTransport()
