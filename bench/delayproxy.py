@@ -7,7 +7,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import collections
-import signal
+
+from serving import serve_until_stopped
 
 
 class _Pipe:
@@ -90,12 +91,7 @@ async def main() -> None:
         args.port,
         backlog=1000,
     )
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    async with server:
-        await stop.wait()
+    await serve_until_stopped(server)
 
 
 if __name__ == "__main__":

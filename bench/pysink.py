@@ -11,7 +11,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import signal
+
+from serving import serve_until_stopped
 
 COUNTS = {"sess": 0, "quit": 0, "mesg": 0}
 EHLO = b"250-pysink\r\n250-PIPELINING\r\n250-8BITMIME\r\n250-ENHANCEDSTATUSCODES\r\n250 SIZE 0\r\n"
@@ -68,12 +69,7 @@ async def main() -> None:
     parser.add_argument("--port", type=int, required=True)
     args = parser.parse_args()
     server = await asyncio.start_server(_session, args.host, args.port, backlog=1000, limit=1 << 20)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    async with server:
-        await stop.wait()
+    await serve_until_stopped(server)
 
 
 if __name__ == "__main__":

@@ -757,6 +757,18 @@ def _cpu(value: float | None) -> str:
     return "-" if value is None else f"{value:.2f}"
 
 
+def _worker_rss(m: dict[str, Any]) -> str:
+    return f"{m.get('worker_peak_rss_mb', 0):.0f} MB (PSS {m.get('worker_peak_pss_mb', 0):.0f})"
+
+
+def _latencies(t: dict[str, Any]) -> str:
+    """The transactional send's latencies: the call, and end to end."""
+    return (
+        f"call p50/p99 {fmt_ms(t.get('enqueue_p50'))}/{fmt_ms(t.get('enqueue_p99'))} ms, "
+        f"end to end p50/p99 {fmt_ms(t.get('e2e_p50'))}/{fmt_ms(t.get('e2e_p99'))} ms"
+    )
+
+
 def summarize(
     report: dict[str, Any], args: argparse.Namespace
 ) -> tuple[list[list[str]], dict[str, float]]:
@@ -785,11 +797,7 @@ def summarize(
             cpu = m.get("client_cpu_ms_per_msg")
             rows.append([case, fmt_rate(m.get("msgs_per_s")), _cpu(cpu), notes + bad])
         elif case == "naive":
-            notes = (
-                f"{m.get('messages', 0):.0f} msgs, {conc}; worker RSS "
-                f"{m.get('worker_peak_rss_mb', 0):.0f} MB (PSS "
-                f"{m.get('worker_peak_pss_mb', 0):.0f}){machine}"
-            )
+            notes = f"{m.get('messages', 0):.0f} msgs, {conc}; worker RSS {_worker_rss(m)}{machine}"
             cpu = m.get("worker_cpu_ms_per_msg")
             rows.append([case, fmt_rate(m.get("msgs_per_s")), _cpu(cpu), notes + bad])
         elif case.startswith("mailer") or case == "txn-busy":
@@ -803,24 +811,16 @@ def summarize(
                 f"{m.get('recipients', 0):.0f} rcpts, {how}; "
                 f"{fmt_rate(m.get('msgs_per_s_from_spawn'))}/s from worker spawn; enqueue "
                 f"{fmt_rate(m.get('enqueue_per_s'))}/s; peak RSS producer "
-                f"{m.get('producer_peak_rss_mb', 0):.0f} MB, worker "
-                f"{m.get('worker_peak_rss_mb', 0):.0f} MB (PSS "
-                f"{m.get('worker_peak_pss_mb', 0):.0f}){machine}"
+                f"{m.get('producer_peak_rss_mb', 0):.0f} MB, worker {_worker_rss(m)}{machine}"
             )
             if case == "txn-busy":
                 t = m.get("txn", {})
-                notes = (
-                    f"send() during the campaign: call p50/p99 {fmt_ms(t.get('enqueue_p50'))}"
-                    f"/{fmt_ms(t.get('enqueue_p99'))} ms, end to end p50/p99 "
-                    f"{fmt_ms(t.get('e2e_p50'))}/{fmt_ms(t.get('e2e_p99'))} ms; " + notes
-                )
+                notes = f"send() during the campaign: {_latencies(t)}; " + notes
             cpu = m.get("worker_cpu_ms_per_msg")
             rows.append([case, fmt_rate(m.get("msgs_per_s")), _cpu(cpu), notes + bad])
         elif case == "txn-idle":
             notes = (
-                f"send() to an idle worker: call p50/p99 {fmt_ms(m.get('enqueue_p50'))}/"
-                f"{fmt_ms(m.get('enqueue_p99'))} ms, end to end p50/p99 "
-                f"{fmt_ms(m.get('e2e_p50'))}/{fmt_ms(m.get('e2e_p99'))} ms; first call "
+                f"send() to an idle worker: {_latencies(m)}; first call "
                 f"of a process {fmt_ms(m.get('first_call_s'))} ms"
             )
             rows.append([case, "-", "-", notes + bad])

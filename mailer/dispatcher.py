@@ -18,7 +18,7 @@ from sqlalchemy import and_, exists, or_, select, text, update
 from sqlalchemy.exc import InterfaceError, OperationalError
 from sqlalchemy.orm import Session
 
-from mailer import clock, db, outcomes, publish
+from mailer import bulk, clock, db, outcomes, publish
 from mailer.config import Settings
 from mailer.config import settings as current_settings
 from mailer.errors import DatabaseUnavailable
@@ -55,7 +55,10 @@ def run_once(settings: Settings | None = None, *, backlog: int | None = -1) -> P
             ids = _due(session, s, now, priority, queue_empty=backlog == 0)
             if ids:
                 session.execute(
-                    update(Delivery).where(Delivery.id.in_(ids)).values(published_at=now)
+                    update(Delivery)
+                    .where(bulk.among(Delivery.id, "ids", bulk.postgresql(session)))
+                    .values(published_at=now),
+                    {"ids": ids},
                 )
         if ids:
             report.published += publish.publish(ids, priority, s.chunk_size)

@@ -217,11 +217,12 @@ def _campaign_rows(
     first: bool,
 ) -> list[dict[str, Any]]:
     parsed: list[tuple[addresses.Address, dict[str, Any]]] = []
+    in_headers = _header_variables(tmpl, message)
     for line, row in batch:
         try:
             address = addresses.parse(str(row.get("email", "")))
             own = _context(row)
-            _check_headers(tmpl, message, {**ctx, **own})
+            _check_headers(tmpl, message, {**ctx, **own}, in_headers)
             if first and not parsed:
                 _check_renders(tmpl, message, {**ctx, **own})
         except InputError as exc:
@@ -292,16 +293,22 @@ def _check_renders(tmpl: Template, message: Message, context: dict[str, Any]) ->
     )
 
 
-def _check_headers(tmpl: Template, message: Message, context: dict[str, Any]) -> None:
-    """The parts of a campaign row that reach headers: checked for every row at enqueue.
-
-    When every value the subject and extra headers use is plain (no line break, no encoded
-    word), they cannot inject a header line and nothing needs rendering; otherwise they are
-    rendered and checked exactly as the worker will.
-    """
-    names = templates.variables(tmpl.subject).union(
+def _header_variables(tmpl: Template, message: Message) -> frozenset[str]:
+    """The context names the subject and the extra headers use (the same for every row)."""
+    return templates.variables(tmpl.subject).union(
         *(templates.variables(value) for value in message.headers.values())
     )
+
+
+def _check_headers(
+    tmpl: Template, message: Message, context: dict[str, Any], names: frozenset[str]
+) -> None:
+    """The parts of a campaign row that reach headers: checked for every row at enqueue.
+
+    When every value the subject and extra headers use (`names`) is plain (no line break, no
+    encoded word), they cannot inject a header line and nothing needs rendering; otherwise
+    they are rendered and checked exactly as the worker will.
+    """
     if all(name in context and _plain_value(context[name]) for name in names):
         return
     compose.check_header("Subject", templates.compiled(tmpl).render_subject(context))

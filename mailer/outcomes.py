@@ -396,10 +396,6 @@ def _upsert_relay(session: Session, name: str, values: dict[str, Any]) -> None:
     session.execute(stmt.on_conflict_do_update(index_elements=["name"], set_=values))
 
 
-def relay_state(session: Session, name: str) -> Relay | None:
-    return session.get(Relay, name)
-
-
 @dataclass(frozen=True)
 class RelayBlock:
     """Why the relay cannot be used now, and until when (paused: until an operator resumes

@@ -57,6 +57,16 @@ def refused(exc_type: type[Exception], match: str, call: Any, *args: Any, **kwar
     assert_still_healthy()
 
 
+def send_welcome(**kwargs: Any) -> Any:
+    """`mailer.send` of the test template to a@example.com; the test gives the rest."""
+    return mailer.send(template="welcome", to="a@example.com", **kwargs)
+
+
+def campaign_welcome(rows: Any, **kwargs: Any) -> Any:
+    """`send_campaign` of the test template to `rows`."""
+    return enqueue.send_campaign("welcome", rows, **kwargs)
+
+
 # --- malformed addresses ------------------------------------------------------------------------
 
 BAD_ADDRESSES = [
@@ -148,9 +158,7 @@ def test_malformed_sender_is_refused(any_db: str, address: str, reason: str) -> 
     refused(
         InputError,
         rf"invalid address '.*': .*{reason}",
-        mailer.send,
-        template="welcome",
-        to="a@example.com",
+        send_welcome,
         context={"name": "A"},
         from_addr=address or " ",
     )  # an empty from_addr falls back to MAILER_FROM
@@ -165,8 +173,7 @@ def test_malformed_address_in_a_campaign_names_the_row(
     refused(
         InputError,
         rf"^recipient 3: invalid address '.*': .*{reason}",
-        enqueue.send_campaign,
-        "welcome",
+        campaign_welcome,
         rows,
     )
 
@@ -176,8 +183,7 @@ def test_malformed_sender_of_a_campaign_is_refused(sqlite_db: str) -> None:
     refused(
         InputError,
         "'news@example.com.': An email address cannot end with a period",
-        enqueue.send_campaign,
-        "welcome",
+        campaign_welcome,
         [GOOD],
         from_addr="news@example.com.",
     )
@@ -220,9 +226,7 @@ def test_line_break_in_the_subject_through_the_context(
         InputError,
         r"header 'Subject' would contain a line break or NUL .*; remove CR, LF and NUL"
         + nul_in_context("name", brk),
-        mailer.send,
-        template="welcome",
-        to="a@example.com",
+        send_welcome,
         context={"name": f"Ann{brk}{INJECTED}"},
     )
 
@@ -233,9 +237,7 @@ def test_line_break_in_the_sender(sqlite_db: str, brk: str) -> None:
     refused(
         InputError,
         "invalid address .*: contains a line break or NUL",
-        mailer.send,
-        template="welcome",
-        to="a@example.com",
+        send_welcome,
         context={"name": "A"},
         from_addr=f"news@example.com{brk}{INJECTED}",
     )
@@ -260,9 +262,7 @@ def test_line_break_in_an_extra_header_value(sqlite_db: str, brk: str) -> None:
     refused(
         HeaderInjection,
         "header 'List-Unsubscribe' would contain a line break or NUL",
-        mailer.send,
-        template="welcome",
-        to="a@example.com",
+        send_welcome,
         context={"name": "A"},
         headers={"List-Unsubscribe": f"<https://example.com/u>{brk}{INJECTED}"},
     )
@@ -277,9 +277,7 @@ def test_bad_header_name(sqlite_db: str, name: Any) -> None:
         InputError,
         r"header name .* is not a valid field name: use 1 to 76 printable ASCII characters "
         "without spaces or ':'",
-        mailer.send,
-        template="welcome",
-        to="a@example.com",
+        send_welcome,
         context={"name": "A"},
         headers={name: "1"},
     )
@@ -290,9 +288,7 @@ def test_a_header_mailer_writes_itself_cannot_be_replaced(sqlite_db: str) -> Non
     refused(
         InputError,
         "header 'Bcc' is set by mailer; pass it as a parameter instead",
-        mailer.send,
-        template="welcome",
-        to="a@example.com",
+        send_welcome,
         context={"name": "A"},
         headers={"Bcc": "victim@example.com"},
     )
@@ -305,9 +301,7 @@ def test_line_break_in_a_context_value_that_reaches_a_header(sqlite_db: str, brk
         InputError,
         "header 'List-Unsubscribe' would contain a line break or NUL"
         + nul_in_context("token", brk),
-        mailer.send,
-        template="welcome",
-        to="a@example.com",
+        send_welcome,
         context={"name": "A", "token": f"t1{brk}{INJECTED}"},
         headers={"List-Unsubscribe": "<https://example.com/u/{{ token }}>"},
     )
@@ -327,8 +321,7 @@ def test_line_break_in_a_later_campaign_row_names_the_row_and_the_header(
     refused(
         InputError,
         rf"^recipient 4: header '{header}' would contain a line break",
-        enqueue.send_campaign,
-        "welcome",
+        campaign_welcome,
         rows,
         headers={"List-Unsubscribe": "<https://example.com/u/{{ token }}>"},
     )
@@ -360,9 +353,7 @@ def test_encoded_word_decoding_to_a_new_line_in_the_subject(any_db: str, word: s
     refused(
         HeaderInjection,
         "header 'Subject' would contain a line break or NUL",
-        mailer.send,
-        template="welcome",
-        to="a@example.com",
+        send_welcome,
         context={"name": word},
     )
 
@@ -373,9 +364,7 @@ def test_encoded_word_decoding_to_a_new_line_in_an_extra_header(sqlite_db: str, 
     refused(
         HeaderInjection,
         "header 'List-Unsubscribe' would contain a line break or NUL",
-        mailer.send,
-        template="welcome",
-        to="a@example.com",
+        send_welcome,
         context={"name": "A"},
         headers={"List-Unsubscribe": word},
     )
@@ -386,9 +375,7 @@ def test_encoded_word_in_an_address_header_is_refused(sqlite_db: str) -> None:
     refused(
         HeaderInjection,
         "header 'Reply-To' would contain a line break or NUL",
-        mailer.send,
-        template="welcome",
-        to="a@example.com",
+        send_welcome,
         context={"name": "A"},
         headers={"Reply-To": '"=?utf-8?q?x=0D=0ABcc:_v@example.com?=" <r@example.com>'},
     )
@@ -400,8 +387,7 @@ def test_encoded_word_in_a_later_campaign_row(sqlite_db: str, word: str) -> None
     refused(
         InputError,
         "^recipient 2: header 'Subject' would contain a line break",
-        enqueue.send_campaign,
-        "welcome",
+        campaign_welcome,
         [GOOD, {"email": "b@example.com", "name": word}],
     )
 
@@ -439,9 +425,7 @@ def test_undefined_variable_is_refused_at_send(any_db: str) -> None:
     refused(
         TemplateError,
         r"template 'welcome' v1 \(text\) failed to render: 'code' is undefined",
-        mailer.send,
-        template="welcome",
-        to="a@example.com",
+        send_welcome,
         context={"name": "A"},
     )
 
@@ -451,9 +435,7 @@ def test_undefined_variable_in_an_extra_header_is_refused_at_send(sqlite_db: str
     refused(
         TemplateError,
         r"header 'List-Unsubscribe' failed to render: 'token' is undefined",
-        mailer.send,
-        template="welcome",
-        to="a@example.com",
+        send_welcome,
         context={"name": "A"},
         headers={"List-Unsubscribe": "<https://example.com/u/{{ token }}>"},
     )
@@ -465,8 +447,7 @@ def test_first_campaign_row_is_render_checked_at_enqueue(any_db: str) -> None:
     refused(
         InputError,
         r"^recipient 1: template 'welcome' v1 \(text\) failed to render: 'code' is undefined",
-        enqueue.send_campaign,
-        "welcome",
+        campaign_welcome,
         rows,
     )
 
@@ -479,8 +460,7 @@ def test_later_campaign_row_missing_a_subject_variable_is_refused_at_enqueue(
         InputError,
         r"^recipient 2: template 'welcome' v1 \(subject\) failed to render: "
         "'name' is undefined",
-        enqueue.send_campaign,
-        "welcome",
+        campaign_welcome,
         [GOOD, {"email": "b@example.com"}],
     )
 
@@ -594,16 +574,13 @@ def test_internals_are_never_printed_and_the_first_render_refuses(
     refused(
         TemplateError,
         rf"template 'welcome' v1 \(text\) failed to render: .*{reason}",
-        mailer.send,
-        template="welcome",
-        to="a@example.com",
+        send_welcome,
         context={"name": "A"},
     )
     refused(
         InputError,
         r"^recipient 1: template 'welcome' v1 \(text\) failed to render",
-        enqueue.send_campaign,
-        "welcome",
+        campaign_welcome,
         [GOOD],
     )
 
@@ -614,9 +591,7 @@ def test_internals_in_the_subject_are_refused(sqlite_db: str, payload: str, reas
     refused(
         TemplateError,
         rf"\(subject\) failed to render: {reason}",
-        mailer.send,
-        template="welcome",
-        to="a@example.com",
+        send_welcome,
         context={"name": "A"},
     )
 
@@ -676,9 +651,7 @@ def test_a_context_of_several_megabytes_is_refused_by_send(any_db: str) -> None:
     refused(
         InputError,
         SIZE,
-        mailer.send,
-        template="welcome",
-        to="a@example.com",
+        send_welcome,
         context={"name": "A", "blob": "x" * 3_000_000},
     )
 
@@ -688,8 +661,7 @@ def test_a_campaign_context_of_several_megabytes_is_refused(sqlite_db: str) -> N
     refused(
         InputError,
         SIZE,
-        enqueue.send_campaign,
-        "welcome",
+        campaign_welcome,
         [GOOD],
         context={"blob": "x" * 3_000_000},
     )
@@ -884,9 +856,7 @@ def test_nul_in_a_body_only_context_value_is_refused(any_db: str) -> None:
     refused(
         InputError,
         "the context value 'note' contains a NUL character",
-        mailer.send,
-        template="welcome",
-        to="a@example.com",
+        send_welcome,
         context={"name": "A", "note": "x\0y"},
     )
 
@@ -897,8 +867,7 @@ def test_nul_in_a_campaign_row_is_refused(any_db: str) -> None:
     refused(
         InputError,
         "^recipient 2: the context value 'note' contains a NUL character",
-        enqueue.send_campaign,
-        "welcome",
+        campaign_welcome,
         rows,
     )
 
@@ -909,8 +878,7 @@ def test_a_campaign_row_that_is_not_json_is_refused(sqlite_db: str) -> None:
     refused(
         InputError,
         "^recipient 2: the context must be JSON: Object of type set",
-        enqueue.send_campaign,
-        "welcome",
+        campaign_welcome,
         rows,
     )
 
@@ -924,8 +892,7 @@ def test_a_number_json_cannot_hold_is_refused_not_stored_as_null(
     refused(
         InputError,
         "^recipient 2: the context must be JSON: Out of range float values",
-        enqueue.send_campaign,
-        "welcome",
+        campaign_welcome,
         rows,
     )
 
@@ -937,9 +904,7 @@ def test_nul_in_an_idempotency_key_or_a_campaign_name_is_refused(any_db: str, ca
         refused(
             InputError,
             "the idempotency_key contains a NUL character",
-            mailer.send,
-            template="welcome",
-            to="a@example.com",
+            send_welcome,
             context={"name": "A"},
             idempotency_key="signup\0-1",
         )
@@ -947,8 +912,7 @@ def test_nul_in_an_idempotency_key_or_a_campaign_name_is_refused(any_db: str, ca
         refused(
             InputError,
             "the campaign name contains a NUL character",
-            enqueue.send_campaign,
-            "welcome",
+            campaign_welcome,
             [GOOD],
             name="news\0letter",
         )

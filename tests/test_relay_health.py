@@ -5,9 +5,10 @@ from __future__ import annotations
 from click.testing import CliRunner
 
 import mailer
-from mailer import db, dispatcher, outcomes
+from mailer import db, dispatcher
 from mailer.cli import cli
 from mailer.delivery import deliver_chunk
+from mailer.models import Relay
 from mailer.testing.smtpserver import ScriptedSMTPServer
 from tests.helpers import add_template, count, deliveries, states
 
@@ -30,7 +31,7 @@ def test_bad_credentials_pause_the_relay_and_keep_everyone_queued(any_db, config
         assert all(d.attempts == 0 for d in deliveries())
         assert server.messages == []
         with db.session_scope() as session:
-            relay = outcomes.relay_state(session, settings.smtp.name)
+            relay = session.get(Relay, settings.smtp.name)
             assert relay is not None and "535" in (relay.paused_reason or "")
         status = CliRunner().invoke(cli, ["relay", "status"])
         assert "paused: auth: 535" in status.output
