@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass
 
@@ -55,8 +56,7 @@ def parse(raw: object) -> Address:
         # line) would differ from the one the mail is sent to
         raise InvalidAddress(raw, "contains '=?', the start of an RFC 2047 encoded word")
     plain = _PLAIN.fullmatch(stripped)
-    if plain and len(plain["local"]) <= 64 and not _special_use(plain["domain"]):
-        domain = plain["domain"].lower()
+    if plain and len(plain["local"]) <= 64 and not _special_use(domain := plain["domain"].lower()):
         return Address(normalized=f"{plain['local']}@{domain}", domain=domain, smtputf8=False)
     try:
         result = email_validator.validate_email(
@@ -67,6 +67,8 @@ def parse(raw: object) -> Address:
     return Address(normalized=result.normalized, domain=result.domain, smtputf8=result.smtputf8)
 
 
+@functools.lru_cache(maxsize=4096)  # a list has a few domains for many addresses
 def _special_use(domain: str) -> bool:
-    labels = domain.lower().split(".")
+    """Is the (lower-cased) domain, or a domain above it, one reserved for special use?"""
+    labels = domain.split(".")
     return any(".".join(labels[i:]) in _SPECIAL_USE for i in range(len(labels)))

@@ -19,7 +19,16 @@ from datetime import UTC, datetime
 from typing import Any, TypeVar
 
 import orjson
-from sqlalchemy import ColumnElement, Table, TextClause, any_, bindparam, text, update
+from sqlalchemy import (
+    BindParameter,
+    ColumnElement,
+    Table,
+    TextClause,
+    any_,
+    bindparam,
+    text,
+    update,
+)
 from sqlalchemy.dialects import sqlite
 from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.orm import Session
@@ -55,21 +64,30 @@ def among(column: Any, name: str, postgresql: bool) -> ColumnElement[bool]:
 
 
 def insert_rows(
-    session: Session, model: type[Base], rows: Sequence[Row], *, ignore_conflicts: bool = False
+    session: Session,
+    model: type[Base],
+    rows: Sequence[Row],
+    *,
+    constant: Mapping[str, Any] | None = None,
+    ignore_conflicts: bool = False,
 ) -> None:
-    """INSERT the rows (all with the same keys); with `ignore_conflicts`, rows that would
-    break a unique constraint are skipped."""
+    """INSERT the rows (all with the same keys), each with the `constant` values too; with
+    `ignore_conflicts`, rows that would break a unique constraint are skipped."""
     if not rows:
         return
     table = _table(model)
     columns = tuple(rows[0])
+    constant = constant or {}
     if postgresql(session):
-        statement = _pg_insert(table, columns, ignore_conflicts)
-        session.connection().execute(statement, {"rows": _json(rows)})
+        # the constant values travel once, as parameters, not in every row of the document
+        statement = _pg_insert(table, columns, tuple(constant), ignore_conflicts)
+        params = {"rows": _json(rows), **{f"k_{c}": v for c, v in constant.items()}}
+        session.connection().execute(statement, params)
         return
     lite = sqlite.insert(table)
     session.connection().execute(
-        lite.on_conflict_do_nothing() if ignore_conflicts else lite, list(rows)
+        lite.on_conflict_do_nothing() if ignore_conflicts else lite,
+        [{**row, **constant} for row in rows] if constant else list(rows),
     )
 
 
@@ -136,12 +154,14 @@ def _recordset(table: Table) -> str:
 
 
 @functools.cache
-def _pg_insert(table: Table, columns: tuple[str, ...], ignore_conflicts: bool) -> TextClause:
-    names = ", ".join(columns)
+def _pg_insert(
+    table: Table, columns: tuple[str, ...], constant: tuple[str, ...], ignore_conflicts: bool
+) -> TextClause:
+    names = ", ".join(columns + constant)
+    values = ", ".join(columns + tuple(f":k_{c}" for c in constant))
     conflict = " ON CONFLICT DO NOTHING" if ignore_conflicts else ""
-    return text(
-        f"INSERT INTO {table.name} ({names}) SELECT {names} FROM {_recordset(table)}{conflict}"
-    )
+    sql = f"INSERT INTO {table.name} ({names}) SELECT {values} FROM {_recordset(table)}{conflict}"
+    return text(sql).bindparams(*_typed(table, constant, "k_"))
 
 
 @functools.cache
@@ -165,7 +185,10 @@ def _pg_update(
         f"UPDATE {table.name} AS t SET {', '.join(sets)} FROM v "
         f"WHERE t.{key} = ANY(:keys) AND t.{key} = v.{key}{fenced}"
     )
-    scalars = [bindparam("keys", type_=ARRAY(table.c[key].type))]
-    scalars += [bindparam(f"f_{c}", type_=table.c[c].type) for c in fence]
-    scalars += [bindparam(f"k_{c}", type_=table.c[c].type) for c in constant]
-    return text(sql).bindparams(*scalars)
+    keys = bindparam("keys", type_=ARRAY(table.c[key].type))
+    return text(sql).bindparams(keys, *_typed(table, fence, "f_"), *_typed(table, constant, "k_"))
+
+
+def _typed(table: Table, columns: tuple[str, ...], prefix: str) -> list[BindParameter[Any]]:
+    """Parameters typed as their columns, so that a None is sent as a NULL of that type."""
+    return [bindparam(f"{prefix}{c}", type_=table.c[c].type) for c in columns]

@@ -8,7 +8,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any, TypeVar
 
-from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import Connection, Engine, create_engine, event
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import InterfaceError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
@@ -23,6 +23,7 @@ _engines: dict[str, Engine] = {}
 # connections each process keeps open; a threaded worker raises it to its thread count
 _pool = {"size": 5}
 _sessions: dict[str, sessionmaker[Session]] = {}
+_READ_ONLY = "mailer_read_only"
 
 
 def engine(url: str | None = None) -> Engine:
@@ -36,9 +37,7 @@ def _create(url: str) -> Engine:
     if url.startswith("sqlite"):
         eng = create_engine(url, connect_args={"timeout": 60})
         event.listen(eng, "connect", _sqlite_pragmas)
-        # SQLAlchemy, not pysqlite, issues BEGIN: IMMEDIATE takes the write lock up front, so
-        # two writers queue on busy_timeout instead of failing on a lock upgrade
-        event.listen(eng, "begin", lambda conn: conn.exec_driver_sql("BEGIN IMMEDIATE"))
+        event.listen(eng, "begin", _sqlite_begin)
         return eng
     size = _pool["size"]
     return create_engine(url, pool_pre_ping=True, pool_size=size, max_overflow=size)
@@ -47,6 +46,14 @@ def _create(url: str) -> Engine:
 def set_pool_size(size: int) -> None:
     """How many connections each engine created from now on keeps (and may double)."""
     _pool["size"] = max(1, size)
+
+
+def _sqlite_begin(conn: Connection) -> None:
+    # SQLAlchemy, not pysqlite, issues BEGIN: IMMEDIATE takes the write lock up front, so two
+    # writers queue on busy_timeout instead of failing on a lock upgrade; a reading session
+    # (read_scope) takes no lock, and reads beside a writer (WAL)
+    reading = conn.get_execution_options().get(_READ_ONLY, False)
+    conn.exec_driver_sql("BEGIN" if reading else "BEGIN IMMEDIATE")
 
 
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
@@ -74,6 +81,14 @@ def session_scope(url: str | None = None) -> Iterator[Session]:
         raise
     finally:
         session.close()
+
+
+@contextmanager
+def read_scope(url: str | None = None) -> Iterator[Session]:
+    """A session for reads only, beside a writing one: on SQLite it takes no write lock."""
+    with session_scope(url) as session:
+        session.connection(execution_options={_READ_ONLY: True})
+        yield session
 
 
 def reset(*, after_fork: bool = False) -> None:

@@ -99,3 +99,27 @@ def test_insert_update_and_among_round_trip(any_db: str) -> None:
                 {"keys": keys},
             ).all()
             assert sorted(found) == sorted(k for k in keys if k in ids)
+
+
+def test_constant_values_are_written_to_every_row_nulls_included(any_db: str) -> None:
+    message_id = _message()
+    varying = [{"recipient": f"c{i}@example.com", "domain": "example.com"} for i in range(3)]
+    constant = {
+        "message_id": message_id,
+        "context": None,
+        "state": DeliveryState.SUPPRESSED,
+        "last_reply": None,  # a NULL for a text column, sent once as a parameter
+        "attempts": 0,
+        "next_attempt_at": NOW,
+        "published_at": None,  # and for a timestamp column
+        "created_at": NOW,
+        "updated_at": NOW,
+    }
+    with db.session_scope() as session:
+        bulk.insert_rows(session, Delivery, varying, constant=constant)
+    with db.session_scope() as session:
+        stored = session.scalars(select(Delivery).order_by(Delivery.id)).all()
+        assert [d.recipient for d in stored] == [r["recipient"] for r in varying]
+        for d in stored:
+            assert (d.message_id, d.state, d.next_attempt_at) == (message_id, "suppressed", NOW)
+            assert d.context is None and d.last_reply is None and d.published_at is None

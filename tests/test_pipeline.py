@@ -6,9 +6,10 @@ import threading
 from datetime import timedelta
 
 import pytest
+from sqlalchemy import select
 
 import mailer
-from mailer import clock, compose, dispatcher, enqueue
+from mailer import clock, compose, db, dispatcher, enqueue, suppressions
 from mailer.delivery import deliver_chunk
 from mailer.errors import InputError
 from mailer.models import Attempt, Delivery, DeliveryState, Message
@@ -181,6 +182,40 @@ def test_invalid_row_refuses_the_whole_campaign_and_writes_nothing(any_db: str) 
     with pytest.raises(InputError, match=r"recipient 2: invalid address 'not-an-address'"):
         enqueue.send_campaign("welcome", rows)
     assert count(Message) == 0 and count(Delivery) == 0
+
+
+def test_an_invalid_row_batches_later_rolls_back_the_batches_already_written(
+    any_db: str,
+) -> None:
+    # the rows before it were handed to the writer thread; none of them may stay
+    add_template()
+    rows = [{"email": f"u{i}@example.com", "name": "x"} for i in range(3 * enqueue.BATCH)]
+    rows.append({"email": "bad@", "name": "y"})
+    with pytest.raises(InputError, match=rf"recipient {3 * enqueue.BATCH + 1}: invalid address"):
+        enqueue.send_campaign("welcome", rows)
+    assert count(Message) == 0 and count(Delivery) == 0
+
+
+def test_suppressed_addresses_in_every_batch_are_written_as_suppressed(any_db: str) -> None:
+    add_template()
+    total = 2 * enqueue.BATCH + 10
+    listed = {f"u{i}@example.com" for i in range(0, total, 7)}
+    with db.session_scope() as session:
+        suppressions.add(session, [(a.upper(), "complaint", None) for a in listed], clock.now())
+    progress: list[int] = []
+    result = enqueue.send_campaign(
+        "welcome",
+        ({"email": f"u{i}@example.com", "name": "x"} for i in range(total)),
+        progress=progress.append,
+    )
+    assert (result.queued, result.suppressed) == (total - len(listed), len(listed))
+    assert progress == [enqueue.BATCH, 2 * enqueue.BATCH, total]
+    found = states()
+    assert {a for a, state in found.items() if state == "suppressed"} == listed
+    assert len(found) == total
+    with db.session_scope() as session:
+        reasons = {d.last_reply for d in session.scalars(select(Delivery))}
+    assert reasons == {None, "on the suppression list at enqueue"}
 
 
 def test_render_failure_fails_that_delivery_alone(any_db: str) -> None:
