@@ -52,6 +52,9 @@ CASES: dict[str, str] = {
     "(first attempt started -> last delivery's outcome committed, from the DB); the rate "
     "from worker spawn is given too.",
     "mailer-sqlite": "(d) the same on SQLite (a fresh WAL file per run).",
+    "enqueue-csv": "(e) enqueue from a file: `mailer campaign send` of a --csv-recipients row "
+    "CSV into PostgreSQL and the broker, as a user runs it; rate = rows / the process's "
+    "whole life (start-up, every row committed, every wake-up published); its peak RSS.",
     "txn-busy": "(g) transactional latency under load: a mailer-pg campaign drains while "
     "mailer.send() is called every ~2% of the expected drain time (up to 50 calls); enqueue = "
     "the call's duration; end to end = the delivery's updated_at (state sent) - call time.",
@@ -681,6 +684,51 @@ def case_mailer(
     return out
 
 
+def case_enqueue_csv(b: Bench, n: int) -> dict[str, Any]:
+    import content
+
+    d = b.rundir("enqueue-csv")
+    code = mailer_fingerprint()
+    url = fresh_database(b, "pg", d)
+    b.redis.flush()
+    env = b.mailer_env(url, b.sink.url)
+    run_json([PYTHON, str(BENCH / "produce.py"), "setup"], env, d / "setup.log", 300)
+    path = b.workdir / f"recipients-{n}.csv"
+    if not path.exists():  # written once a session, outside the measurement
+        content.write_csv(path, n)
+    argv = [PYTHON, "-m", "mailer", "campaign", "send", "--template", content.TEMPLATE]
+    argv += ["--recipients", str(path)]
+    for name, value in content.HEADERS.items():
+        argv += ["--header", f"{name}: {value}"]
+    t0 = now()
+    proc = PROCS.start(argv, env=env, log=d / "campaign.log")
+    rss = infra.RSSSampler(proc.pid, interval=0.1)
+    try:
+        proc.wait(300 + n / 1000)
+        elapsed = now() - t0
+    except subprocess.TimeoutExpired:
+        raise BenchError(f"mailer campaign send did not finish in {300 + n / 1000:.0f}s") from None
+    finally:
+        rss.stop()
+        PROCS.stop(proc, grace=2)
+    log = tail(d / "campaign.log")
+    if proc.returncode != 0 or f"{n} queued" not in log:
+        raise BenchError(f"mailer campaign send exited with {proc.returncode}: {log}")
+    published = int(b.redis.client.llen("bulk"))
+    chunk = int(env.get("MAILER_CHUNK_SIZE", "100"))
+    if published != -(-n // chunk):
+        raise BenchError(f"{published} wake-ups in the broker for {n} rows")
+    return {
+        "recipients": n,
+        "enqueue_per_s": n / elapsed,
+        "enqueue_seconds": elapsed,
+        "producer_cpu_s": sum(rss.ticks.values()) / infra.CLK_TCK,
+        "producer_peak_rss_mb": rss.hwm_kb / 1024,
+        "wakeups_published": published,
+        **code_check(code),
+    }
+
+
 def case_txn_idle(b: Bench) -> dict[str, Any]:
     d = b.rundir("txn-idle")
     code = mailer_fingerprint()
@@ -818,6 +866,13 @@ def summarize(
                 notes = f"send() during the campaign: {_latencies(t)}; " + notes
             cpu = m.get("worker_cpu_ms_per_msg")
             rows.append([case, fmt_rate(m.get("msgs_per_s")), _cpu(cpu), notes + bad])
+        elif case == "enqueue-csv":
+            notes = (
+                f"{fmt_rate(m.get('enqueue_per_s'))} recipients/s: {m.get('recipients', 0):,.0f} "
+                f"CSV rows in {m.get('enqueue_seconds', 0):.1f} s, process start to exit; "
+                f"peak RSS {m.get('producer_peak_rss_mb', 0):.0f} MB"
+            )
+            rows.append([case, "-", "-", notes + bad])
         elif case == "txn-idle":
             notes = (
                 f"send() to an idle worker: {_latencies(m)}; first call "
@@ -957,6 +1012,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--clients", type=int, default=2, help="processes of the raw clients")
     p.add_argument("--naive-recipients", type=int, default=3000)
     p.add_argument(
+        "--csv-recipients", type=int, default=1_000_000, help="rows of the enqueue-csv file"
+    )
+    p.add_argument(
         "--rtt-recipients", type=int, default=10000, help="campaign size through the delay proxy"
     )
     p.add_argument(
@@ -996,6 +1054,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.recipients = 5000
         args.naive_recipients = min(args.naive_recipients, 1000)
         args.rtt_recipients = min(args.rtt_recipients, 2000)
+        args.csv_recipients = min(args.csv_recipients, 100_000)
     selected = args.only.split(",") if args.only else DEFAULT_ORDER
     unknown = [c for c in selected if c not in CASES]
     if unknown:
@@ -1059,6 +1118,7 @@ def run_case(b: Bench, case: str) -> list[dict[str, Any]]:
         "naive": naive_run,
         "mailer-pg": lambda: case_mailer(b, case, "pg", b.sink.url, a.recipients),
         "mailer-sqlite": lambda: case_mailer(b, case, "sqlite", b.sink.url, a.recipients),
+        "enqueue-csv": lambda: case_enqueue_csv(b, a.csv_recipients),
         "txn-busy": lambda: case_mailer(b, case, "pg", b.sink.url, a.recipients, txn=True),
         "txn-idle": lambda: case_txn_idle(b),
         "mailer-pg-rtt20": lambda: case_mailer(
