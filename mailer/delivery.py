@@ -117,17 +117,27 @@ def _send(
     """Each group's verdicts, in order; after a relay-wide failure, the groups not yet begun
     come back untried (None)."""
 
-    def attempt(group: list[_Work]) -> tuple[list[_Work], list[Verdict] | None]:
+    def attempt(
+        group: list[_Work],
+        composed: Outgoing | str | None = None,
+        following: Outgoing | None = None,
+    ) -> tuple[list[_Work], list[Verdict] | None]:
         if stopped:
             return group, None
         relay = transport if transport is not None else session_for(s.smtp)
-        verdicts = _attempt(group, relay)
+        verdicts = _attempt(group, relay, composed or _composed(group), following)
         if any(v.klass.relay_wide for v in verdicts):
             stopped.append(next(v.klass for v in verdicts if v.klass.relay_wide))
         return group, verdicts
 
     if transport is not None or s.smtp_sessions == 1 or len(groups) == 1:
-        yield from map(attempt, groups)
+        # one session: each message is composed before the one ahead of it is sent, so that
+        # its envelope can go out behind that one (SMTPSession.send's `following`)
+        upcoming = _composed(groups[0]) if groups else None
+        for index, group in enumerate(groups):
+            current = upcoming
+            upcoming = _composed(groups[index + 1]) if index + 1 < len(groups) else None
+            yield attempt(group, current, upcoming if isinstance(upcoming, Outgoing) else None)
         return
     # at most one group per session in flight: if recording stalls (the database is away),
     # little more is sent before this generator's consumer is back
@@ -223,25 +233,35 @@ def _transactions(work: list[_Work]) -> Iterator[list[_Work]]:
     yield from shared.values()
 
 
-def _attempt(group: list[_Work], relay: Transport) -> list[Verdict]:
-    started = clock.now()
+def _composed(group: list[_Work]) -> Outgoing | str:
+    """The group's message, or why it cannot be composed (a poison message fails alone; the
+    rest of the chunk goes on)."""
     try:
-        outgoing = _compose(group)
+        return _compose(group)
     except InputError as exc:
-        # a poison message fails alone; the rest of the chunk goes on
-        reply = SMTPReply.lost(str(exc))
-        return [_verdict(w, reply, Phase.LOCAL, relay.name, False, started) for w in group]
+        return str(exc)
     except Exception as exc:
         log.exception("delivery %d could not be composed", group[0].delivery.id)
-        reply = SMTPReply.lost(f"could not be composed: {type(exc).__name__}: {exc}")
-        return [_verdict(w, reply, Phase.LOCAL, relay.name, False, started) for w in group]
+        return f"could not be composed: {type(exc).__name__}: {exc}"
+
+
+def _attempt(
+    group: list[_Work], relay: Transport, outgoing: Outgoing | str, following: Outgoing | None
+) -> list[Verdict]:
+    if isinstance(outgoing, str):
+        reply = SMTPReply.lost(outgoing)
+        return [_verdict(w, reply, Phase.LOCAL, relay.name, False, clock.now()) for w in group]
     by_address = {w.delivery.recipient: w for w in group}
     verdicts: list[Verdict] = []
     batches = [outgoing.recipients]
     while batches:
         batch = batches.pop(0)
+        # a batch split off (too many recipients) is not the transaction announced: the
+        # session then drops what it sent ahead, and `following` goes out anew
+        whole = batch == outgoing.recipients
         result = relay.send(
-            outgoing if batch == outgoing.recipients else replace(outgoing, recipients=batch)
+            outgoing if whole else replace(outgoing, recipients=batch),
+            following if whole else None,
         )
         again = []
         for r in result.results:

@@ -232,6 +232,20 @@ def test_render_failure_fails_that_delivery_alone(any_db: str) -> None:
     }
     [poisoned] = deliveries(recipient="r1@example.com")
     assert "'code' is undefined" in (poisoned.last_reply or "")
+    # the message after the poisoned one could not be announced: nothing was
+    assert transport.following == [None, None] and transport.unkept == 0
+
+
+def test_each_transaction_of_a_chunk_is_announced_behind_the_one_before(any_db: str) -> None:
+    add_template()
+    enqueue.send_campaign(
+        "welcome", [{"email": f"r{i}@example.com", "name": "x"} for i in range(5)]
+    )
+    transport = MemoryTransport()
+    deliver_chunk(_ids(), transport=transport)
+    assert len(transport.transactions) == 5
+    assert transport.following == [*transport.transactions[1:], None]
+    assert transport.unkept == 0
 
 
 def test_too_many_recipients_go_in_new_transactions_at_once(any_db: str) -> None:

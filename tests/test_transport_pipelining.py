@@ -216,3 +216,103 @@ def test_relay_gone_after_the_fallback(session_to: Any) -> None:
         result = session.send(outgoing(B))  # stale, then refused: no exception, no retry loop
         assert summary(result) == [(B, None, Phase.CONNECT)]
         assert classify(result.results[0].reply, Phase.CONNECT) is ReplyClass.CONNECTION
+
+
+# --- across transactions: the next envelope behind this message's "." -----------------------
+
+
+def send_in_turn(
+    session: SMTPSession, *outs: Outgoing
+) -> list[list[tuple[str, int | None, Phase]]]:
+    """Send each transaction with the next one announced, as the worker does."""
+    following: list[Outgoing | None] = [*outs[1:], None]
+    return [summary(session.send(out, then)) for out, then in zip(outs, following, strict=True)]
+
+
+def test_the_next_envelope_goes_out_behind_the_message(
+    session_to: Any, writes: list[bytes]
+) -> None:
+    with ScriptedSMTPServer() as srv:
+        results = send_in_turn(session_to(srv), outgoing(A), outgoing(B), outgoing(C))
+        assert results == [[(A, 250, Phase.DOT)], [(B, 250, Phase.DOT)], [(C, 250, Phase.DOT)]]
+        assert srv.copies() == {A: 1, B: 1, C: 1}
+        assert srv.connections == 1
+    # one envelope on its own; then each message with the next envelope right behind it
+    assert len(pipelined(writes)) == 1
+    bodies = [w for w in writes if MSG in w]
+    assert len(bodies) == 3
+    for body, then in zip(bodies, (B, C), strict=False):
+        assert body.endswith(f"RCPT TO:<{then}>\r\nDATA\r\n".encode())
+        assert b".\r\nMAIL FROM:<sender@example.com>" in body
+    assert bodies[2].endswith(b"\r\n.\r\n")
+
+
+def test_refusals_in_an_announced_transaction_keep_the_session_in_step(
+    session_to: Any,
+) -> None:
+    with ScriptedSMTPServer() as srv:
+        srv.reply("RCPT", "550 5.1.1 No such user", recipient=B)
+        results = send_in_turn(session_to(srv), outgoing(A), outgoing(B, C), outgoing(D))
+        assert results == [
+            [(A, 250, Phase.DOT)],
+            [(B, 550, Phase.RCPT), (C, 250, Phase.DOT)],
+            [(D, 250, Phase.DOT)],
+        ]
+        assert srv.copies() == {A: 1, C: 1, D: 1}
+        assert srv.connections == 1
+
+
+def test_every_recipient_refused_in_an_announced_transaction(session_to: Any) -> None:
+    with ScriptedSMTPServer() as srv:
+        srv.reply("RCPT", "550 5.1.1 No such user", recipient=B)
+        results = send_in_turn(session_to(srv), outgoing(A), outgoing(B), outgoing(C))
+        assert results == [[(A, 250, Phase.DOT)], [(B, 550, Phase.RCPT)], [(C, 250, Phase.DOT)]]
+        assert srv.copies() == {A: 1, C: 1}
+        assert srv.connections == 1
+
+
+def test_421_after_the_dot_loses_the_announced_envelope_not_its_message(
+    session_to: Any,
+) -> None:
+    with ScriptedSMTPServer() as srv:
+        srv.reply("DOT", "421 4.3.2 Service shutting down", recipient=A, times=1)
+        results = send_in_turn(session_to(srv), outgoing(A), outgoing(B), outgoing(C))
+        # A was refused at its "."; B's envelope went with the connection: sent anew
+        assert results == [[(A, 421, Phase.DOT)], [(B, 250, Phase.DOT)], [(C, 250, Phase.DOT)]]
+        assert srv.copies() == {B: 1, C: 1}
+        assert srv.connections == 2
+
+
+def test_a_421_to_the_announced_mail_is_retried_on_a_new_connection(session_to: Any) -> None:
+    with ScriptedSMTPServer() as srv:
+        srv.reply("MAIL", "250 2.1.0 Ok", times=1)  # A's
+        srv.reply("MAIL", "421 4.4.2 Closing the connection", times=1)  # B's, sent behind A
+        results = send_in_turn(session_to(srv), outgoing(A), outgoing(B), outgoing(C))
+        # nothing of B's had been accepted: it goes again at once, on a new connection
+        assert results == [[(A, 250, Phase.DOT)], [(B, 250, Phase.DOT)], [(C, 250, Phase.DOT)]]
+        assert srv.copies() == {A: 1, B: 1, C: 1}
+        assert srv.connections == 2
+
+
+def test_a_transaction_announced_but_not_sent_is_never_delivered(
+    session_to: Any,
+) -> None:
+    with ScriptedSMTPServer() as srv:
+        session = session_to(srv)
+        assert summary(session.send(outgoing(A), outgoing(B))) == [(A, 250, Phase.DOT)]
+        # the caller changed its mind: the server holds B's envelope (DATA answered 354), so
+        # the session drops the connection rather than let C's bytes become B's message
+        assert summary(session.send(outgoing(C))) == [(C, 250, Phase.DOT)]
+        assert srv.connections == 2
+        e = outgoing(E)
+        session.send(outgoing(D), e)
+        # a NOOP now would be read as E's message: the session reconnects for it, and E then
+        # goes out whole
+        assert session.noop().code == 250
+        assert summary(session.send(e)) == [(E, 250, Phase.DOT)]
+        session.send(outgoing(A), outgoing(B))
+        session.close()  # QUIT would be read as B's message too: the connection is dropped
+        assert srv.quits == 0
+    assert srv.copies() == {A: 2, C: 1, D: 1, E: 1}
+    assert all(m.data == MSG for m in srv.messages)
+    assert srv.connections == 3  # C and D on the second; the NOOP, E and A on the third

@@ -38,6 +38,9 @@ class TransactionResult:
 class Transport(Protocol):
     name: str
 
-    def send(self, outgoing: Outgoing) -> TransactionResult: ...
+    def send(self, outgoing: Outgoing, following: Outgoing | None = None) -> TransactionResult:
+        """One transaction. `following` is the transaction the caller will send next on this
+        transport, when it knows it: an SMTP session sends its envelope ahead."""
+        ...
 
     def close(self) -> None: ...

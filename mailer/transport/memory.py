@@ -25,6 +25,10 @@ class MemoryTransport:
         self.sent: list[tuple[str, bytes]] = []
         self.transactions: list[Outgoing] = []
         self._outage: tuple[datetime, Phase, SMTPReply] | None = None
+        # as SMTPSession would have sent them: each transaction's envelope behind the one
+        # before it (`following`); `unkept` counts announced transactions not sent next
+        self.following: list[Outgoing | None] = []
+        self.unkept = 0
 
     def script(self, address: str, phase: Phase, reply: SMTPReply, times: int = 1) -> None:
         self._script[address.lower()].extend([(phase, reply)] * times)
@@ -33,8 +37,11 @@ class MemoryTransport:
         """Until `until` (on mailer's clock), every transaction gets `reply` at `phase`."""
         self._outage = (until, phase, reply)
 
-    def send(self, outgoing: Outgoing) -> TransactionResult:
+    def send(self, outgoing: Outgoing, following: Outgoing | None = None) -> TransactionResult:
         started = clock.now()
+        if self.following and self.following[-1] is not None:
+            self.unkept += self.following[-1] is not outgoing
+        self.following.append(following)
         self.transactions.append(outgoing)
         if self._outage is not None and started < self._outage[0]:
             _, phase, reply = self._outage

@@ -1,7 +1,10 @@
 """Persistent smtplib sessions: verified TLS, AUTH, then transactions that know their phase.
 
 One session per relay per worker thread, opened lazily and reused across tasks. A transaction
-is pipelined (RFC 2920) when the server offers PIPELINING. The session never decides what a
+is pipelined (RFC 2920) when the server offers PIPELINING, and so is the gap between two: given
+the transaction that follows, `send` writes its envelope (MAIL, RCPT..., DATA) right behind
+this one's final "." (the content is allowed to open a group, RFC 2920 3.1), so that a message
+costs one round trip instead of two. The session never decides what a
 reply means: it reports each recipient's reply and the phase it came in (replies.classify
 judges). It retries a transaction only where nothing can have been accepted yet: once on a
 fresh connection when a reused one turns out stale at MAIL, and once in lockstep when a
@@ -22,6 +25,7 @@ import threading
 import time
 import weakref
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 
 from mailer import clock
 from mailer.errors import RelayError
@@ -54,6 +58,20 @@ class _Failed(Exception):
         self.phase = phase
 
 
+@dataclass(frozen=True)
+class _Envelope:
+    """A transaction ready to go: its envelope commands and its message (CRLF line ends only,
+    not yet dot-stuffed)."""
+
+    out: Outgoing
+    commands: list[bytes]
+    message: bytes
+
+    @property
+    def wire(self) -> bytes:
+        return b"".join(c + _CRLF for c in self.commands)
+
+
 class _Retry(enum.Enum):
     STALE = "a reused session was gone"
     LOCKSTEP = "the pipelined envelope went unanswered"
@@ -72,25 +90,39 @@ class SMTPSession:
         self._last_used = 0.0
         self._pipelining_broken = False
         self._context: ssl.SSLContext | None = None
+        # the envelope written behind the last message's "." (its replies are on their way):
+        # the next send() must be that transaction, or the connection is dropped, which
+        # aborts it (no body was sent, so nothing can be delivered)
+        self._announced: _Envelope | None = None
 
     # --- the transaction ----------------------------------------------------------------
 
-    def send(self, outgoing: Outgoing) -> TransactionResult:
+    def send(self, outgoing: Outgoing, following: Outgoing | None = None) -> TransactionResult:
+        """Run one transaction. With `following`, the transaction the caller sends next on this
+        session, that one's envelope may go out behind this message (then the next call must
+        be send(following))."""
+        if self._announced is not None and self._announced.out is not outgoing:
+            log.debug("relay %s: the announced transaction was not sent; reconnecting", self.name)
+            self._abort()
         started = clock.now()
-        results = self._deliver(outgoing) if outgoing.recipients else []
+        results = self._deliver(outgoing, following) if outgoing.recipients else []
         tls = self._tls
         self._after_transaction()
         return TransactionResult(tuple(results), self.name, tls, started, clock.now())
 
-    def _deliver(self, out: Outgoing) -> list[RecipientResult]:
+    def _deliver(self, out: Outgoing, following: Outgoing | None) -> list[RecipientResult]:
         retries = set(_Retry)
         while True:
             decided: dict[str, RecipientResult] = {}
             reused = pipelined = False
             try:
-                smtp, reused = self._ready()
-                pipelined = self._use_pipelining(smtp)
-                self._transaction(smtp, out, pipelined, decided)
+                if self._announced is not None and self._smtp is not None:
+                    # its envelope went out behind the last message: its replies come next
+                    smtp, reused, pipelined = self._smtp, True, True
+                else:
+                    smtp, reused = self._ready()
+                    pipelined = self._use_pipelining(smtp)
+                self._transaction(smtp, out, pipelined, decided, following)
                 return [decided[r] for r in out.recipients]
             except _Failed as failed:
                 if failed.phase is not Phase.LOCAL:  # a local refusal leaves the session in step
@@ -121,16 +153,15 @@ class SMTPSession:
         out: Outgoing,
         pipelined: bool,
         decided: dict[str, RecipientResult],
+        following: Outgoing | None,
     ) -> None:
         """Run one transaction, filling `decided` as replies come in (raises _Failed)."""
-        message = _crlf_only(out.data)  # a bare CR or LF is never sent (SMTP smuggling)
-        options = self._mail_options(smtp, out, len(message))
-        encoding = "utf-8" if "SMTPUTF8" in options else "ascii"
-        commands = [line.encode(encoding) for line in _envelope(out, options)]
-        if pipelined:
+        announced, self._announced = self._announced, None
+        envelope = announced or self._envelope(smtp, out)
+        if pipelined and announced is None:
             with _phase(Phase.MAIL):
-                smtp.send(b"".join(c + _CRLF for c in commands))
-        replies = self._replies(smtp, pipelined, commands)
+                smtp.send(envelope.wire)
+        replies = self._replies(smtp, pipelined, envelope.commands)
 
         mail = next(replies)
         mail_ok = _positive(mail)
@@ -150,7 +181,30 @@ class SMTPSession:
         if pipelined and not mail_ok:
             for _ in out.recipients:  # the server answers every pipelined RCPT: stay in step
                 next(replies)
-        self._data(smtp, next(replies), accepted, _dot_stuffed(message), decided)
+        body = _dot_stuffed(envelope.message)
+        then = self._announce(smtp, following) if pipelined else None
+        self._data(smtp, next(replies), accepted, body, decided, then)
+
+    def _envelope(self, smtp: smtplib.SMTP, out: Outgoing) -> _Envelope:
+        """The transaction's commands for this server (raises _Failed at Phase.LOCAL for what
+        the server would refuse)."""
+        message = _crlf_only(out.data)  # a bare CR or LF is never sent (SMTP smuggling)
+        options = self._mail_options(smtp, out, len(message))
+        encoding = "utf-8" if "SMTPUTF8" in options else "ascii"
+        commands = [line.encode(encoding) for line in _envelope(out, options)]
+        return _Envelope(out, commands, message)
+
+    def _announce(self, smtp: smtplib.SMTP, following: Outgoing | None) -> _Envelope | None:
+        """The envelope to write behind this message: none for a session that closes after
+        it, or for a transaction the server would refuse (its own send() reports that)."""
+        if following is None or not following.recipients:
+            return None
+        if self._in_session + 1 >= self.config.max_messages:
+            return None
+        try:
+            return self._envelope(smtp, following)
+        except _Failed:
+            return None
 
     def _replies(
         self, smtp: smtplib.SMTP, pipelined: bool, commands: list[bytes]
@@ -176,6 +230,7 @@ class SMTPSession:
         accepted: list[str],
         body: bytes,
         decided: dict[str, RecipientResult],
+        then: _Envelope | None,
     ) -> None:
         if data.code != ReplyCode.START_INPUT or not accepted:
             for recipient in accepted:
@@ -191,7 +246,8 @@ class SMTPSession:
                 # gone before a byte of the body left: certainly not delivered, so a plain
                 # retry rather than the "lost after '.'" that writing into the void would give
                 raise smtplib.SMTPServerDisconnected("the server closed the connection after 354")
-            smtp.send(body + b"." + _CRLF)
+            smtp.send(body + b"." + _CRLF + (then.wire if then is not None else b""))
+        self._announced = then
         self._in_session += 1
         with _phase(Phase.DOT):
             _timeout(smtp, self.config.data_timeout)
@@ -255,6 +311,8 @@ class SMTPSession:
 
     def _ready(self) -> tuple[smtplib.SMTP, bool]:
         """The open connection (checked with NOOP after idling) or a new one; True if reused."""
+        if self._announced is not None:
+            self._abort()  # a command now would be read as that transaction's message
         smtp = self._smtp
         if smtp is not None and time.monotonic() - self._last_used > self.config.idle_noop_after:
             try:
@@ -417,6 +475,8 @@ class SMTPSession:
 
     def close(self) -> None:
         """QUIT politely; errors on QUIT are ignored (the session is over either way)."""
+        if self._announced is not None:
+            self._abort()  # QUIT now would be read as the announced transaction's message
         smtp, self._smtp = self._smtp, None
         if smtp is None:
             return
@@ -426,6 +486,7 @@ class SMTPSession:
             smtp.close()
 
     def _abort(self) -> None:
+        self._announced = None
         smtp, self._smtp = self._smtp, None
         if smtp is not None:
             smtp.close()
