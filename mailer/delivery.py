@@ -11,9 +11,8 @@ from __future__ import annotations
 import functools
 import logging
 import time
-from collections import deque
-from collections.abc import Iterator, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from typing import Any
@@ -114,51 +113,71 @@ def deliver_chunk(
 def _send(
     groups: list[list[_Work]], transport: Transport | None, s: Settings, stopped: list[ReplyClass]
 ) -> Iterator[tuple[list[_Work], list[Verdict] | None]]:
-    """Each group's verdicts, in order; after a relay-wide failure, the groups not yet begun
-    come back untried (None)."""
+    """Each group's verdicts, as they come; after a relay-wide failure, the groups not yet
+    begun come back untried (None)."""
 
     def attempt(
-        group: list[_Work],
-        composed: Outgoing | str | None = None,
-        following: Outgoing | None = None,
+        group: list[_Work], composed: Outgoing | str, following: Outgoing | None
     ) -> tuple[list[_Work], list[Verdict] | None]:
         if stopped:
             return group, None
         relay = transport if transport is not None else session_for(s.smtp)
-        verdicts = _attempt(group, relay, composed or _composed(group), following)
+        verdicts = _attempt(group, relay, composed, following)
         if any(v.klass.relay_wide for v in verdicts):
             stopped.append(next(v.klass for v in verdicts if v.klass.relay_wide))
         return group, verdicts
 
-    if transport is not None or s.smtp_sessions == 1 or len(groups) == 1:
-        # one session: each message is composed before the one ahead of it is sent, so that
-        # its envelope can go out behind that one (SMTPSession.send's `following`)
-        upcoming = _composed(groups[0]) if groups else None
-        for index, group in enumerate(groups):
-            current = upcoming
-            upcoming = _composed(groups[index + 1]) if index + 1 < len(groups) else None
-            yield attempt(group, current, upcoming if isinstance(upcoming, Outgoing) else None)
+    lanes = 1 if transport is not None else min(s.smtp_sessions, len(groups))
+    if lanes <= 1:
+        yield from _in_turn(groups, attempt)
         return
-    # at most one group per session in flight: if recording stalls (the database is away),
-    # little more is sent before this generator's consumer is back
-    pool = _senders(s.smtp_sessions)
-    ahead: deque[Future[tuple[list[_Work], list[Verdict] | None]]] = deque()
-    for group in groups:
-        if len(ahead) == s.smtp_sessions:
-            yield ahead.popleft().result()
-        ahead.append(pool.submit(attempt, group))
+    # One lane per session, each a thread of its own (so always the same session), sending its
+    # groups in turn. At most one group per lane in flight: if recording stalls (the database
+    # is away), little more is sent before this generator's consumer is back.
+    runs = [_in_turn(groups[lane::lanes], attempt) for lane in range(lanes)]
+    threads = _lanes(lanes)
+    ahead = {threads[lane].submit(next, runs[lane], None): lane for lane in range(lanes)}
     while ahead:
-        yield ahead.popleft().result()
+        done, _ = wait(ahead, return_when=FIRST_COMPLETED)
+        for future in done:
+            lane = ahead.pop(future)
+            result = future.result()
+            if result is not None:
+                yield result
+                ahead[threads[lane].submit(next, runs[lane], None)] = lane
 
 
-_pools: dict[int, ThreadPoolExecutor] = {}
+Attempt = Callable[
+    [list[_Work], Outgoing | str, Outgoing | None], tuple[list[_Work], list[Verdict] | None]
+]
 
 
-def _senders(size: int) -> ThreadPoolExecutor:
-    """This process's sending threads; they live as long as the process, and so do their
-    SMTP sessions (transport.smtp keeps one per thread)."""
+def _in_turn(
+    groups: list[list[_Work]], attempt: Attempt
+) -> Iterator[tuple[list[_Work], list[Verdict] | None]]:
+    """The groups one after the other over one session: each message is composed before the
+    one ahead of it is sent, so that its envelope can go out behind that one
+    (SMTPSession.send's `following`)."""
+    if not groups:
+        return
+    current = _composed(groups[0])
+    for index, group in enumerate(groups):
+        upcoming = _composed(groups[index + 1]) if index + 1 < len(groups) else None
+        yield attempt(group, current, upcoming if isinstance(upcoming, Outgoing) else None)
+        if upcoming is not None:
+            current = upcoming
+
+
+_pools: dict[int, list[ThreadPoolExecutor]] = {}
+
+
+def _lanes(size: int) -> list[ThreadPoolExecutor]:
+    """This process's sending threads, one executor each; they live as long as the process,
+    and so do their SMTP sessions (transport.smtp keeps one per thread)."""
     if size not in _pools:
-        _pools[size] = ThreadPoolExecutor(size, thread_name_prefix="smtp")
+        _pools[size] = [
+            ThreadPoolExecutor(1, thread_name_prefix=f"smtp-{lane}") for lane in range(size)
+        ]
     return _pools[size]
 
 

@@ -73,7 +73,8 @@ def test_a_chunk_goes_out_over_several_sessions_at_once(sqlite_db, configure_env
         assert report.attempted == 40
         assert set(states().values()) == {"sent"}
         assert sorted(server.copies().values()) == [1] * 40
-        assert 1 < server.connections <= 4
+        # one lane a session, each sending its share in turn (envelopes announced ahead)
+        assert server.connections == 4
 
 
 def test_a_throttling_relay_stops_the_other_sessions_and_spends_nothing(
