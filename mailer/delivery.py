@@ -34,7 +34,9 @@ log = logging.getLogger(__name__)
 S = DeliveryState
 # recipients in one transaction: RFC 5321 4.5.3.1.8 obliges servers to take 100
 MAX_RECIPIENTS = 100
-FLUSH_EVERY = 50
+# outcomes are written every FLUSH_EVERY (a default chunk: one transaction a chunk; every 50,
+# the worker ran 5 % slower) or FLUSH_SECONDS, whichever comes first
+FLUSH_EVERY = 100
 FLUSH_SECONDS = 1.0
 
 
