@@ -70,11 +70,12 @@ def insert_rows(
     *,
     constant: Mapping[str, Any] | None = None,
     ignore_conflicts: bool = False,
-) -> None:
+) -> int:
     """INSERT the rows (all with the same keys), each with the `constant` values too; with
-    `ignore_conflicts`, rows that would break a unique constraint are skipped."""
+    `ignore_conflicts`, rows that would break a unique constraint are skipped. Returns how
+    many rows were inserted."""
     if not rows:
-        return
+        return 0
     table = _table(model)
     columns = tuple(rows[0])
     constant = constant or {}
@@ -82,13 +83,14 @@ def insert_rows(
         # the constant values travel once, as parameters, not in every row of the document
         statement = _pg_insert(table, columns, tuple(constant), ignore_conflicts)
         params = {"rows": _json(rows), **{f"k_{c}": v for c, v in constant.items()}}
-        session.connection().execute(statement, params)
-        return
+        inserted: Any = session.connection().execute(statement, params)
+        return int(inserted.rowcount)
     lite = sqlite.insert(table)
-    session.connection().execute(
+    inserted = session.connection().execute(
         lite.on_conflict_do_nothing() if ignore_conflicts else lite,
         [{**row, **constant} for row in rows] if constant else list(rows),
     )
+    return int(inserted.rowcount)
 
 
 def update_rows(

@@ -191,22 +191,20 @@ def send_campaign(
             ThreadPoolExecutor(1, thread_name_prefix="mailer-enqueue") as writer,
             db.read_scope() as lookups,
         ):
-            in_flight: Future[int] | None = None
+            in_flight: tuple[Future[Written], int] | None = None
             for batch in bulk.chunks(_numbered(recipients), BATCH):
                 parsed = _campaign_rows(
                     tmpl, message, ctx, batch, result, skip_invalid, first=seen == 0
                 )
                 rows = _deliveries(lookups, parsed)
                 seen += len(batch)
-                _written(in_flight, progress)
-                in_flight = writer.submit(_write_deliveries, session, message, rows, now, seen)
-            _written(in_flight, progress)
+                _written(in_flight, result, progress)
+                in_flight = writer.submit(_write_deliveries, session, message, rows, now), seen
+            _written(in_flight, result, progress)
         if seen == 0:
             raise InputError("the recipient list is empty")
-        written = _count(session, message.id)
-        result.duplicates = seen - result.invalid - written
-        result.suppressed = _count(session, message.id, DeliveryState.SUPPRESSED)
-        result.queued = written - result.suppressed
+        # the rows the INSERTs skipped were already there: the same address met before
+        result.duplicates = seen - result.invalid - result.queued - result.suppressed
         if result.queued == 0 and result.suppressed == 0:
             raise InputError("no valid recipient in the list; nothing was queued")
     if _due(send_at, now):
@@ -215,12 +213,19 @@ def send_campaign(
     return result
 
 
-def _written(in_flight: Future[int] | None, progress: Callable[[int], None] | None) -> None:
-    """Wait for the batch in flight (raising its error); report how many rows are written."""
+def _written(
+    in_flight: tuple[Future[Written], int] | None,
+    result: CampaignResult,
+    progress: Callable[[int], None] | None,
+) -> None:
+    """Wait for the batch in flight (raising its error) and count what it wrote; report
+    the recipients read up to it."""
     if in_flight is not None:
-        done = in_flight.result()
+        written, seen = in_flight[0].result(), in_flight[1]
+        result.queued += written[False]
+        result.suppressed += written[True]
         if progress:
-            progress(done)
+            progress(seen)
 
 
 def _campaign_rows(
@@ -397,12 +402,16 @@ def _deliveries(
     return split
 
 
+Written = dict[bool, int]  # rows inserted by "on the suppression list"
+
+
 def _write_deliveries(
-    session: Session, message: Message, rows: Deliveries, now: datetime, seen: int = 0
-) -> int:
-    """INSERT the message's deliveries, queued or (on the suppression list) suppressed;
-    returns `seen` (the recipients read so far, for progress)."""
+    session: Session, message: Message, rows: Deliveries, now: datetime
+) -> Written:
+    """INSERT the message's deliveries, queued or (on the suppression list) suppressed, and
+    say how many of each were new (an address already among them is skipped)."""
     due = _due(message.send_at, now)
+    written: Written = {}
     for blocked, chosen in rows.items():
         constant = {
             "message_id": message.id,
@@ -414,8 +423,10 @@ def _write_deliveries(
             "created_at": now,
             "updated_at": now,
         }
-        bulk.insert_rows(session, Delivery, chosen, constant=constant, ignore_conflicts=True)
-    return seen
+        written[blocked] = bulk.insert_rows(
+            session, Delivery, chosen, constant=constant, ignore_conflicts=True
+        )
+    return written
 
 
 def _by_key(session: Session, key: str) -> int | None:
@@ -429,15 +440,6 @@ def _queued_ids(session: Session, message_id: int) -> Iterable[int]:
         .order_by(Delivery.id)
     )
     return session.connection().execution_options(yield_per=5000).execute(query).scalars()
-
-
-def _count(session: Session, message_id: int, state: DeliveryState | None = None) -> int:
-    from sqlalchemy import func
-
-    query = select(func.count()).select_from(Delivery).where(Delivery.message_id == message_id)
-    if state is not None:
-        query = query.where(Delivery.state == state)
-    return session.scalar(query) or 0
 
 
 def _due(send_at: datetime | None, now: datetime) -> bool:
