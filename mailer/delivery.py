@@ -10,9 +10,12 @@ from __future__ import annotations
 
 import functools
 import logging
+import queue
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from typing import Any
@@ -129,24 +132,25 @@ def _send(
             stopped.append(next(v.klass for v in verdicts if v.klass.relay_wide))
         return group, verdicts
 
-    lanes = 1 if transport is not None else min(s.smtp_sessions, len(groups))
-    if lanes <= 1:
-        yield from _in_turn(groups, attempt)
+    if transport is not None or s.smtp_sessions == 1 or len(groups) == 1:
+        yield from _in_turn(groups, attempt, stopped)
         return
     # One lane per session, each a thread of its own (so always the same session), sending its
-    # groups in turn. At most one group per lane in flight: if recording stalls (the database
-    # is away), little more is sent before this generator's consumer is back.
-    runs = [_in_turn(groups[lane::lanes], attempt) for lane in range(lanes)]
-    threads = _lanes(lanes)
-    ahead = {threads[lane].submit(next, runs[lane], None): lane for lane in range(lanes)}
-    while ahead:
-        done, _ = wait(ahead, return_when=FIRST_COMPLETED)
-        for future in done:
-            lane = ahead.pop(future)
-            result = future.result()
-            if result is not None:
-                yield result
-                ahead[threads[lane].submit(next, runs[lane], None)] = lane
+    # groups in turn; a chunk has its lanes to itself (chunks at once in a threaded worker
+    # take different ones). At most one group per lane in flight: if recording stalls (the
+    # database is away), little more is sent before this generator's consumer is back.
+    with _lanes(s.smtp_sessions).lease(len(groups)) as threads:
+        lanes = len(threads)
+        runs = [_in_turn(groups[lane::lanes], attempt, stopped) for lane in range(lanes)]
+        ahead = {threads[lane].submit(next, runs[lane], None): lane for lane in range(lanes)}
+        while ahead:
+            done, _ = wait(ahead, return_when=FIRST_COMPLETED)
+            for future in done:
+                lane = ahead.pop(future)
+                result = future.result()
+                if result is not None:
+                    yield result
+                    ahead[threads[lane].submit(next, runs[lane], None)] = lane
 
 
 Attempt = Callable[
@@ -155,32 +159,56 @@ Attempt = Callable[
 
 
 def _in_turn(
-    groups: list[list[_Work]], attempt: Attempt
+    groups: list[list[_Work]], attempt: Attempt, stopped: list[ReplyClass]
 ) -> Iterator[tuple[list[_Work], list[Verdict] | None]]:
     """The groups one after the other over one session: each message is composed before the
     one ahead of it is sent, so that its envelope can go out behind that one
-    (SMTPSession.send's `following`)."""
+    (SMTPSession.send's `following`); after a relay-wide failure nothing more is composed."""
     if not groups:
         return
     current = _composed(groups[0])
     for index, group in enumerate(groups):
-        upcoming = _composed(groups[index + 1]) if index + 1 < len(groups) else None
+        more = index + 1 < len(groups) and not stopped
+        upcoming = _composed(groups[index + 1]) if more else None
         yield attempt(group, current, upcoming if isinstance(upcoming, Outgoing) else None)
         if upcoming is not None:
             current = upcoming
 
 
-_pools: dict[int, list[ThreadPoolExecutor]] = {}
+class _Lanes:
+    """This process's sending threads, one executor (so one SMTP session) each. They live as
+    long as the process, and so do their sessions (transport.smtp keeps one per thread)."""
+
+    def __init__(self, size: int) -> None:
+        self.free: queue.SimpleQueue[ThreadPoolExecutor] = queue.SimpleQueue()
+        for lane in range(size):
+            self.free.put(ThreadPoolExecutor(1, thread_name_prefix=f"smtp-{lane}"))
+
+    @contextmanager
+    def lease(self, wanted: int) -> Iterator[list[ThreadPoolExecutor]]:
+        """Up to `wanted` lanes no other chunk is using (waiting for the first one)."""
+        taken = [self.free.get()]
+        while len(taken) < wanted:
+            try:
+                taken.append(self.free.get_nowait())
+            except queue.Empty:
+                break
+        try:
+            yield taken
+        finally:
+            for lane in taken:
+                self.free.put(lane)
 
 
-def _lanes(size: int) -> list[ThreadPoolExecutor]:
-    """This process's sending threads, one executor each; they live as long as the process,
-    and so do their SMTP sessions (transport.smtp keeps one per thread)."""
-    if size not in _pools:
-        _pools[size] = [
-            ThreadPoolExecutor(1, thread_name_prefix=f"smtp-{lane}") for lane in range(size)
-        ]
-    return _pools[size]
+_pools: dict[int, _Lanes] = {}
+_pools_lock = threading.Lock()
+
+
+def _lanes(size: int) -> _Lanes:
+    with _pools_lock:
+        if size not in _pools:
+            _pools[size] = _Lanes(size)
+        return _pools[size]
 
 
 def _claim(

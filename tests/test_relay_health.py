@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+
 from click.testing import CliRunner
 
 import mailer
@@ -92,3 +94,38 @@ def test_a_throttling_relay_stops_the_other_sessions_and_spends_nothing(
         assert set(states().values()) == {"deferred"}
         assert all(d.attempts == 0 for d in deliveries())
         assert server.messages == []
+
+
+def test_chunks_at_once_in_one_process_take_lanes_of_their_own(sqlite_db, configure_env) -> None:
+    # a threaded worker runs chunks side by side: each sends over lanes no other chunk uses,
+    # so no chunk's envelope sent ahead is ever dropped by another's message
+    with ScriptedSMTPServer() as server:
+        configure_env(smtp_url=server.url(tls="none"), smtp_sessions=2)
+        add_template()
+        rows = [{"email": f"r{i}@example.com", "name": "x"} for i in range(40)]
+        mailer.send_campaign("welcome", rows)
+        ids = _ids()
+        chunks = [ids[:20], ids[20:]]
+        threads = [threading.Thread(target=deliver_chunk, args=(chunk,)) for chunk in chunks]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        assert set(states().values()) == {"sent"}
+        assert sorted(server.copies().values()) == [1] * 40
+        assert server.connections == 2
+
+
+def test_the_sessions_setting_bounds_the_connections_whatever_the_chunk(
+    sqlite_db, configure_env
+) -> None:
+    with ScriptedSMTPServer() as server:
+        configure_env(smtp_url=server.url(tls="none"), smtp_sessions=4)
+        add_template()
+        rows = [{"email": f"r{i}@example.com", "name": "x"} for i in range(13)]
+        mailer.send_campaign("welcome", rows)
+        ids = _ids()
+        for chunk in (ids[:8], ids[8:11], ids[11:]):
+            deliver_chunk(chunk)
+        assert sorted(server.copies().values()) == [1] * 13
+        assert server.connections == 4

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import smtplib
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -316,3 +317,29 @@ def test_a_transaction_announced_but_not_sent_is_never_delivered(
     assert srv.copies() == {A: 2, C: 1, D: 1, E: 1}
     assert all(m.data == MSG for m in srv.messages)
     assert srv.connections == 3  # C and D on the second; the NOOP, E and A on the third
+
+
+def test_a_server_that_drops_what_follows_the_dot_stops_envelopes_going_ahead(
+    session_to: Any,
+) -> None:
+    with ScriptedSMTPServer(pipelining_fault="after_body") as srv:
+        session = session_to(srv, command_timeout=0.3)
+        outs = [outgoing(A), outgoing(B), outgoing(C), outgoing(D)]
+        assert send_in_turn(session, *outs) == [[(o.recipients[0], 250, Phase.DOT)] for o in outs]
+        assert srv.copies() == {A: 1, B: 1, C: 1, D: 1}
+        # B's envelope went unanswered once (one wait, one new connection); from then on each
+        # envelope waits for the message before it, and pipelining within one stays
+        assert srv.connections == 2
+
+
+def test_an_envelope_announced_before_an_idle_spell_is_not_trusted(
+    session_to: Any,
+) -> None:
+    with ScriptedSMTPServer(idle_timeout=0.3, idle_reply="421 4.4.2 Timeout exceeded") as srv:
+        session = session_to(srv, idle_noop_after=0.1)
+        b = outgoing(B)
+        assert summary(session.send(outgoing(A), b)) == [(A, 250, Phase.DOT)]
+        time.sleep(0.6)  # the server timed B's transaction out meanwhile
+        assert summary(session.send(b)) == [(B, 250, Phase.DOT)]
+        assert srv.copies() == {A: 1, B: 1}
+        assert srv.connections == 2

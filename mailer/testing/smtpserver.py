@@ -30,8 +30,9 @@ Command = Literal["EHLO", "MAIL", "RCPT", "DATA", "DOT", "NOOP", "RSET", "VRFY",
 Phase = Literal["greeting", "ehlo", "mail", "rcpt", "data", "body", "after_dot"]
 TLSMode = Literal["none", "starttls", "implicit"]
 # How a server that advertises PIPELINING can still mishandle a pipelined batch of commands:
-# "close" drops the connection, "first_only" answers the first command and discards the rest.
-PipeliningFault = Literal["close", "first_only"]
+# "close" drops the connection, "first_only" answers the first command and discards the rest,
+# "after_body" handles a batch of commands but discards whatever follows a message's "."
+PipeliningFault = Literal["close", "first_only", "after_body"]
 
 # A hook's answer: a reply line, or aiosmtpd's MISSING for "do the normal thing".
 _HookResult = object
@@ -311,7 +312,8 @@ class _Session(SMTP):
     def _observed(self, verb: str, method: _SMTPMethod) -> _SMTPMethod:
         async def observed(arg: str | None) -> None:
             self._script.record(verb)
-            if self._pipelining_fault is not None and self._more_input_waiting():
+            batch_fault = self._pipelining_fault in ("close", "first_only")
+            if batch_fault and self._more_input_waiting():
                 if self._pipelining_fault == "close":
                     await _drop(self)
                 self._discard_waiting_input()
@@ -370,6 +372,8 @@ class _Session(SMTP):
         if recipients and not arg and self._script.take("BODY", recipients) is not None:
             await self._drop_mid_body()
         await super().smtp_DATA(arg)
+        if self._pipelining_fault == "after_body":
+            self._discard_waiting_input()
 
     async def _drop_mid_body(self) -> NoReturn:
         await self.push("354 End data with <CR><LF>.<CR><LF>")

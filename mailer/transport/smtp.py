@@ -75,6 +75,7 @@ class _Envelope:
 class _Retry(enum.Enum):
     STALE = "a reused session was gone"
     LOCKSTEP = "the pipelined envelope went unanswered"
+    AHEAD = "the envelope sent behind the last message went unanswered"
 
 
 class SMTPSession:
@@ -89,6 +90,7 @@ class SMTPSession:
         self._in_session = 0
         self._last_used = 0.0
         self._pipelining_broken = False
+        self._ahead_broken = False  # the server loses what follows a message's "."
         self._context: ssl.SSLContext | None = None
         # the envelope written behind the last message's "." (its replies are on their way):
         # the next send() must be that transaction, or the connection is dropped, which
@@ -114,11 +116,13 @@ class SMTPSession:
         retries = set(_Retry)
         while True:
             decided: dict[str, RecipientResult] = {}
-            reused = pipelined = False
+            reused = pipelined = announced = False
             try:
-                if self._announced is not None and self._smtp is not None:
-                    # its envelope went out behind the last message: its replies come next
-                    smtp, reused, pipelined = self._smtp, True, True
+                if self._announced is not None and self._smtp is not None and not self._idle():
+                    # its envelope went out behind the last message: its replies come next (a
+                    # session idle since then goes through _ready, which drops it: the server
+                    # may have timed the transaction out)
+                    smtp, reused, pipelined, announced = self._smtp, True, True, True
                 else:
                     smtp, reused = self._ready()
                     pipelined = self._use_pipelining(smtp)
@@ -127,7 +131,7 @@ class SMTPSession:
             except _Failed as failed:
                 if failed.phase is not Phase.LOCAL:  # a local refusal leaves the session in step
                     self._abort()
-                retry = _retry_reason(failed, reused, pipelined)
+                retry = _retry_reason(failed, reused, pipelined, announced)
                 if retry is None or retry not in retries:
                     return [
                         decided.get(r) or RecipientResult(r, failed.reply, failed.phase)
@@ -137,7 +141,15 @@ class SMTPSession:
                 self._before_retry(retry, failed)
 
     def _before_retry(self, retry: _Retry, failed: _Failed) -> None:
-        if retry is _Retry.LOCKSTEP:
+        if retry is _Retry.AHEAD:
+            self._ahead_broken = True
+            log.warning(
+                "relay %s: the envelope sent behind a message went unanswered (%s); envelopes "
+                "now wait for the message before them",
+                self.name,
+                failed.reply.text,
+            )
+        elif retry is _Retry.LOCKSTEP:
             self._pipelining_broken = True
             log.warning(
                 "relay %s: pipelined envelope failed (%s); using lockstep from now on",
@@ -197,7 +209,7 @@ class SMTPSession:
     def _announce(self, smtp: smtplib.SMTP, following: Outgoing | None) -> _Envelope | None:
         """The envelope to write behind this message: none for a session that closes after
         it, or for a transaction the server would refuse (its own send() reports that)."""
-        if following is None or not following.recipients:
+        if following is None or not following.recipients or self._ahead_broken:
             return None
         if self._in_session + 1 >= self.config.max_messages:
             return None
@@ -314,7 +326,7 @@ class SMTPSession:
         if self._announced is not None:
             self._abort()  # a command now would be read as that transaction's message
         smtp = self._smtp
-        if smtp is not None and time.monotonic() - self._last_used > self.config.idle_noop_after:
+        if smtp is not None and self._idle():
             try:
                 code, _ = smtp.noop()
             except (smtplib.SMTPException, OSError):
@@ -326,6 +338,9 @@ class SMTPSession:
         if smtp is None:
             return self._open(lambda step, detail: None), False
         return smtp, True
+
+    def _idle(self) -> bool:
+        return time.monotonic() - self._last_used > self.config.idle_noop_after
 
     def open(self, report: Report | None = None) -> smtplib.SMTP:
         """Connect, EHLO, STARTTLS and AUTH as configured; `report(step, detail)` sees each.
@@ -570,11 +585,15 @@ def _failure(exc: smtplib.SMTPException | OSError, phase: Phase) -> _Failed:
     return _Failed(SMTPReply.lost(_describe(exc)), phase)
 
 
-def _retry_reason(failed: _Failed, reused: bool, pipelined: bool) -> _Retry | None:
+def _retry_reason(failed: _Failed, reused: bool, pipelined: bool, announced: bool) -> _Retry | None:
     """Why the transaction may be tried again at once (nothing can have been accepted)."""
     if failed.phase not in _NOTHING_ACCEPTED:
         return None
     lost = failed.reply.code is None
+    if announced and lost:
+        # sent behind the last message and never answered: some servers drop what follows
+        # a message's "." (or close the connection after it)
+        return _Retry.AHEAD
     if reused and failed.phase is Phase.MAIL and (lost or _closes(failed.reply)):
         return _Retry.STALE  # e.g. the server's idle timeout: a 421, or nothing at all
     if pipelined and lost:
