@@ -41,6 +41,10 @@ def publish(ids: Iterable[int], priority: Priority, chunk_size: int) -> int:
                         queue=priority.value,
                         producer=producer,
                         retry=True,
+                        # no declaration per task: Celery sends to the default exchange,
+                        # which Redis delivers by queue name, and workers declare their
+                        # queues (kombu's declaring took a fifth of publishing: 147 -> 115 us)
+                        declare=[],
                         retry_policy=_ONE_QUICK_RETRY,
                         # what logs and monitors show for the arguments; Celery's own repr of
                         # a hundred ids cost more than the rest of publishing
