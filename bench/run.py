@@ -1006,8 +1006,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--mailer-concurrency",
         type=int,
-        default=2 * (os.cpu_count() or 1),
-        help="mailer worker processes (default: mailer's own default, twice the CPU count)",
+        default=os.cpu_count() or 1,
+        help="mailer worker processes (default: mailer's own default, the CPU count)",
     )
     p.add_argument("--clients", type=int, default=2, help="processes of the raw clients")
     p.add_argument("--naive-recipients", type=int, default=3000)
