@@ -6,6 +6,7 @@ import logging
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from sqlalchemy import Connection, Engine, create_engine, event
@@ -20,8 +21,17 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 _engines: dict[str, Engine] = {}
-# connections each process keeps open; a threaded worker raises it to its thread count
-_pool = {"size": 5}
+
+
+@dataclass
+class _Pool:
+    # connections each process keeps open; a threaded worker raises it to its thread count
+    size: int = 5
+    # a round trip before each checkout, so that a dead connection is replaced, not used
+    pre_ping: bool = True
+
+
+_pool = _Pool()
 _sessions: dict[str, sessionmaker[Session]] = {}
 _READ_ONLY = "mailer_read_only"
 
@@ -39,13 +49,17 @@ def _create(url: str) -> Engine:
         event.listen(eng, "connect", _sqlite_pragmas)
         event.listen(eng, "begin", _sqlite_begin)
         return eng
-    size = _pool["size"]
-    return create_engine(url, pool_pre_ping=True, pool_size=size, max_overflow=size)
+    size = _pool.size
+    return create_engine(url, pool_pre_ping=_pool.pre_ping, pool_size=size, max_overflow=size)
 
 
-def set_pool_size(size: int) -> None:
-    """How many connections each engine created from now on keeps (and may double)."""
-    _pool["size"] = max(1, size)
+def set_pool(*, size: int | None = None, pre_ping: bool | None = None) -> None:
+    """For engines created from now on: how many connections each keeps (and may double), and
+    whether a connection is pinged before each use."""
+    if size is not None:
+        _pool.size = max(1, size)
+    if pre_ping is not None:
+        _pool.pre_ping = pre_ping
 
 
 def _sqlite_begin(conn: Connection) -> None:
