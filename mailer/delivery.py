@@ -122,12 +122,15 @@ def _send(
     begun come back untried (None)."""
 
     def attempt(
-        group: list[_Work], composed: Outgoing | str, following: Outgoing | None
+        group: list[_Work],
+        composed: Outgoing | str,
+        following: Outgoing | None,
+        meanwhile: Callable[[], object] | None,
     ) -> tuple[list[_Work], list[Verdict] | None]:
         if stopped:
             return group, None
         relay = transport if transport is not None else session_for(s.smtp)
-        verdicts = _attempt(group, relay, composed, following)
+        verdicts = _attempt(group, relay, composed, following, meanwhile)
         if any(v.klass.relay_wide for v in verdicts):
             stopped.append(next(v.klass for v in verdicts if v.klass.relay_wide))
         return group, verdicts
@@ -154,25 +157,40 @@ def _send(
 
 
 Attempt = Callable[
-    [list[_Work], Outgoing | str, Outgoing | None], tuple[list[_Work], list[Verdict] | None]
+    [list[_Work], Outgoing | str, Outgoing | None, Callable[[], object] | None],
+    tuple[list[_Work], list[Verdict] | None],
 ]
 
 
 def _in_turn(
     groups: list[list[_Work]], attempt: Attempt, stopped: list[ReplyClass]
 ) -> Iterator[tuple[list[_Work], list[Verdict] | None]]:
-    """The groups one after the other over one session: each message is composed before the
+    """The groups one after the other over one session. Each message is composed before the
     one ahead of it is sent, so that its envelope can go out behind that one
-    (SMTPSession.send's `following`); after a relay-wide failure nothing more is composed."""
-    if not groups:
-        return
-    current = _composed(groups[0])
+    (SMTPSession.send's `following`), and the one after it while the server takes that
+    message (`meanwhile`); after a relay-wide failure nothing more is composed."""
+    composed: dict[int, Outgoing | str] = {}
+
+    def compose(index: int) -> Outgoing | str | None:
+        if index >= len(groups) or stopped:
+            return None
+        if index not in composed:
+            composed[index] = _composed(groups[index])
+        return composed[index]
+
     for index, group in enumerate(groups):
-        more = index + 1 < len(groups) and not stopped
-        upcoming = _composed(groups[index + 1]) if more else None
-        yield attempt(group, current, upcoming if isinstance(upcoming, Outgoing) else None)
-        if upcoming is not None:
-            current = upcoming
+        current = compose(index)
+        if current is None:  # stopped: the group goes back untried
+            yield group, None
+            continue
+        upcoming = compose(index + 1)
+        yield attempt(
+            group,
+            current,
+            upcoming if isinstance(upcoming, Outgoing) else None,
+            functools.partial(compose, index + 2),
+        )
+        composed.pop(index, None)
 
 
 class _Lanes:
@@ -295,7 +313,11 @@ def _composed(group: list[_Work]) -> Outgoing | str:
 
 
 def _attempt(
-    group: list[_Work], relay: Transport, outgoing: Outgoing | str, following: Outgoing | None
+    group: list[_Work],
+    relay: Transport,
+    outgoing: Outgoing | str,
+    following: Outgoing | None,
+    meanwhile: Callable[[], object] | None,
 ) -> list[Verdict]:
     if isinstance(outgoing, str):
         reply = SMTPReply.lost(outgoing)
@@ -311,6 +333,7 @@ def _attempt(
         result = relay.send(
             outgoing if whole else replace(outgoing, recipients=batch),
             following if whole else None,
+            meanwhile if whole else None,
         )
         again = []
         for r in result.results:

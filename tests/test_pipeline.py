@@ -9,7 +9,7 @@ import pytest
 from sqlalchemy import select
 
 import mailer
-from mailer import clock, compose, db, dispatcher, enqueue, suppressions
+from mailer import clock, compose, db, delivery, dispatcher, enqueue, suppressions
 from mailer.delivery import deliver_chunk
 from mailer.errors import InputError
 from mailer.models import Attempt, Delivery, DeliveryState, Message
@@ -236,16 +236,23 @@ def test_render_failure_fails_that_delivery_alone(any_db: str) -> None:
     assert transport.following == [None, None] and transport.unkept == 0
 
 
-def test_each_transaction_of_a_chunk_is_announced_behind_the_one_before(any_db: str) -> None:
+def test_each_transaction_of_a_chunk_is_announced_behind_the_one_before(
+    any_db: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     add_template()
     enqueue.send_campaign(
         "welcome", [{"email": f"r{i}@example.com", "name": "x"} for i in range(5)]
     )
     transport = MemoryTransport()
+    composed = []
+    real = delivery._compose
+    monkeypatch.setattr(delivery, "_compose", lambda group: composed.append(group) or real(group))
     deliver_chunk(_ids(), transport=transport)
     assert len(transport.transactions) == 5
     assert transport.following == [*transport.transactions[1:], None]
     assert transport.unkept == 0
+    # each message composed once: ahead of the one before it, or while that one was sent
+    assert len(composed) == 5
 
 
 def test_too_many_recipients_go_in_new_transactions_at_once(any_db: str) -> None:

@@ -343,3 +343,25 @@ def test_an_envelope_announced_before_an_idle_spell_is_not_trusted(
         assert summary(session.send(b)) == [(B, 250, Phase.DOT)]
         assert srv.copies() == {A: 1, B: 1}
         assert srv.connections == 2
+
+
+def test_work_given_for_the_wait_runs_once_the_message_is_out(session_to: Any) -> None:
+    with ScriptedSMTPServer() as srv:
+        srv.reply("RCPT", "550 5.1.1 No such user", recipient=B)
+        session = session_to(srv)
+        ran: list[str] = []
+        assert summary(session.send(outgoing(A), meanwhile=lambda: ran.append("A"))) == [
+            (A, 250, Phase.DOT)
+        ]
+        # no message went out (every recipient refused): nothing to wait for, nothing run
+        session.send(outgoing(B), meanwhile=lambda: ran.append("B"))
+        assert ran == ["A"]
+
+        def fails() -> None:
+            raise RuntimeError("a bug in the work")
+
+        # the work failing loses nothing: the message's reply is still read and reported
+        assert summary(session.send(outgoing(C), meanwhile=fails)) == [(C, 250, Phase.DOT)]
+        assert summary(session.send(outgoing(D))) == [(D, 250, Phase.DOT)]
+        assert srv.copies() == {A: 1, C: 1, D: 1}
+        assert srv.connections == 1

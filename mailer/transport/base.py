@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Protocol
@@ -38,9 +39,15 @@ class TransactionResult:
 class Transport(Protocol):
     name: str
 
-    def send(self, outgoing: Outgoing, following: Outgoing | None = None) -> TransactionResult:
+    def send(
+        self,
+        outgoing: Outgoing,
+        following: Outgoing | None = None,
+        meanwhile: Callable[[], object] | None = None,
+    ) -> TransactionResult:
         """One transaction. `following` is the transaction the caller will send next on this
-        transport, when it knows it: an SMTP session sends its envelope ahead."""
+        transport, when it knows it: an SMTP session sends its envelope ahead. `meanwhile`
+        is work for the wait on the server's reply to the message (run at most once)."""
         ...
 
     def close(self) -> None: ...

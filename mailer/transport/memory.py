@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Callable
 from datetime import datetime
 
 from mailer import clock
@@ -37,8 +38,15 @@ class MemoryTransport:
         """Until `until` (on mailer's clock), every transaction gets `reply` at `phase`."""
         self._outage = (until, phase, reply)
 
-    def send(self, outgoing: Outgoing, following: Outgoing | None = None) -> TransactionResult:
+    def send(
+        self,
+        outgoing: Outgoing,
+        following: Outgoing | None = None,
+        meanwhile: Callable[[], object] | None = None,
+    ) -> TransactionResult:
         started = clock.now()
+        if meanwhile is not None:
+            meanwhile()
         if self.following and self.following[-1] is not None:
             self.unkept += self.following[-1] is not outgoing
         self.following.append(following)

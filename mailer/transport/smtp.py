@@ -96,21 +96,40 @@ class SMTPSession:
         # the next send() must be that transaction, or the connection is dropped, which
         # aborts it (no body was sent, so nothing can be delivered)
         self._announced: _Envelope | None = None
+        self._meanwhile: Callable[[], object] | None = None
 
     # --- the transaction ----------------------------------------------------------------
 
-    def send(self, outgoing: Outgoing, following: Outgoing | None = None) -> TransactionResult:
+    def send(
+        self,
+        outgoing: Outgoing,
+        following: Outgoing | None = None,
+        meanwhile: Callable[[], object] | None = None,
+    ) -> TransactionResult:
         """Run one transaction. With `following`, the transaction the caller sends next on this
         session, that one's envelope may go out behind this message (then the next call must
-        be send(following))."""
+        be send(following)). `meanwhile` is run, at most once, while the server takes the
+        message (between its "." and the reply), if the transaction gets that far."""
         if self._announced is not None and self._announced.out is not outgoing:
             log.debug("relay %s: the announced transaction was not sent; reconnecting", self.name)
             self._abort()
         started = clock.now()
-        results = self._deliver(outgoing, following) if outgoing.recipients else []
+        self._meanwhile = meanwhile
+        try:
+            results = self._deliver(outgoing, following) if outgoing.recipients else []
+        finally:
+            self._meanwhile = None
         tls = self._tls
         self._after_transaction()
         return TransactionResult(tuple(results), self.name, tls, started, clock.now())
+
+    def _while_waiting(self) -> None:
+        work, self._meanwhile = self._meanwhile, None
+        if work is not None:
+            try:
+                work()
+            except Exception:  # the message is out: its reply must still be read and reported
+                log.exception("relay %s: work done while waiting for a reply failed", self.name)
 
     def _deliver(self, out: Outgoing, following: Outgoing | None) -> list[RecipientResult]:
         retries = set(_Retry)
@@ -261,6 +280,7 @@ class SMTPSession:
             smtp.send(body + b"." + _CRLF + (then.wire if then is not None else b""))
         self._announced = then
         self._in_session += 1
+        self._while_waiting()
         with _phase(Phase.DOT):
             _timeout(smtp, self.config.data_timeout)
             final = _read(smtp)
