@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import secrets
+from collections import deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -35,6 +36,7 @@ from mailer.models import (
 
 MAX_CONTEXT_BYTES = 256 * 1024
 BATCH = 2000
+WRITES_AHEAD = 2  # batches handed to the writer thread and not yet written, at most
 RecipientRow = Mapping[str, Any] | tuple[int, Mapping[str, Any]]
 
 
@@ -183,24 +185,30 @@ def send_campaign(
         result = CampaignResult(campaign.id, message.id)
         seen = 0
         # The database writes one batch while this thread checks the next: a thread of its
-        # own runs each batch's INSERT (the session passes between the threads, never used by
-        # both at once), and the suppression list is read here, through a session of its own.
-        # Leaving the `with` waits for the write in flight, so an error here rolls back only
-        # after it. 100,000 rows on PostgreSQL: 28,500 -> 31,000/s.
+        # own runs each batch's INSERT (the session is used by that thread alone until the
+        # `with` ends), with the batch after it already waiting so that the database never
+        # waits for the hand-over, and the suppression list is read here, through a session
+        # of its own. Leaving the `with` waits for the writes in flight, so an error here
+        # rolls back only after them. PostgreSQL, 100,000 rows: 28,500/s without the writer
+        # thread; a million CSV rows: 51,000/s with one batch in its hands, 61,000 with two.
         with (
             ThreadPoolExecutor(1, thread_name_prefix="mailer-enqueue") as writer,
             db.read_scope() as lookups,
         ):
-            in_flight: tuple[Future[Written], int] | None = None
+            in_flight: deque[tuple[Future[Written], int]] = deque()
             for batch in bulk.chunks(_numbered(recipients), BATCH):
                 parsed = _campaign_rows(
                     tmpl, message, ctx, batch, result, skip_invalid, first=seen == 0
                 )
                 rows = _deliveries(lookups, parsed)
                 seen += len(batch)
-                _written(in_flight, result, progress)
-                in_flight = writer.submit(_write_deliveries, session, message, rows, now), seen
-            _written(in_flight, result, progress)
+                if len(in_flight) == WRITES_AHEAD:
+                    _written(in_flight.popleft(), result, progress)
+                in_flight.append(
+                    (writer.submit(_write_deliveries, session, message, rows, now), seen)
+                )
+            while in_flight:
+                _written(in_flight.popleft(), result, progress)
         if seen == 0:
             raise InputError("the recipient list is empty")
         # the rows the INSERTs skipped were already there: the same address met before
@@ -214,18 +222,17 @@ def send_campaign(
 
 
 def _written(
-    in_flight: tuple[Future[Written], int] | None,
+    in_flight: tuple[Future[Written], int],
     result: CampaignResult,
     progress: Callable[[int], None] | None,
 ) -> None:
-    """Wait for the batch in flight (raising its error) and count what it wrote; report
-    the recipients read up to it."""
-    if in_flight is not None:
-        written, seen = in_flight[0].result(), in_flight[1]
-        result.queued += written[False]
-        result.suppressed += written[True]
-        if progress:
-            progress(seen)
+    """Wait for a batch in flight (raising its error) and count what it wrote; report the
+    recipients read up to it."""
+    written, seen = in_flight[0].result(), in_flight[1]
+    result.queued += written[False]
+    result.suppressed += written[True]
+    if progress:
+        progress(seen)
 
 
 def _campaign_rows(
