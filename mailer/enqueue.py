@@ -12,7 +12,7 @@ import json
 import secrets
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import CancelledError, Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -188,27 +188,32 @@ def send_campaign(
         # own runs each batch's INSERT (the session is used by that thread alone until the
         # `with` ends), with the batch after it already waiting so that the database never
         # waits for the hand-over, and the suppression list is read here, through a session
-        # of its own. Leaving the `with` waits for the writes in flight, so an error here
-        # rolls back only after them. PostgreSQL, 100,000 rows: 28,500/s without the writer
-        # thread; a million CSV rows: 51,000/s with one batch in its hands, 61,000 with two.
+        # of its own. PostgreSQL, 100,000 rows: 28,500/s without the writer thread; a million
+        # CSV rows: 51,000/s with one batch in its hands, 61,000 with two.
         with (
             ThreadPoolExecutor(1, thread_name_prefix="mailer-enqueue") as writer,
             db.read_scope() as lookups,
         ):
             in_flight: deque[tuple[Future[Written], int]] = deque()
-            for batch in bulk.chunks(_numbered(recipients), BATCH):
-                parsed = _campaign_rows(
-                    tmpl, message, ctx, batch, result, skip_invalid, first=seen == 0
-                )
-                rows = _deliveries(lookups, parsed)
-                seen += len(batch)
-                if len(in_flight) == WRITES_AHEAD:
+            try:
+                for batch in bulk.chunks(_numbered(recipients), BATCH):
+                    parsed = _campaign_rows(
+                        tmpl, message, ctx, batch, result, skip_invalid, first=seen == 0
+                    )
+                    rows = _deliveries(lookups, parsed)
+                    seen += len(batch)
+                    if len(in_flight) == WRITES_AHEAD:
+                        _written(in_flight.popleft(), result, progress)
+                    write = writer.submit(_write_deliveries, session, message, rows, now)
+                    in_flight.append((write, seen))
+                while in_flight:
                     _written(in_flight.popleft(), result, progress)
-                in_flight.append(
-                    (writer.submit(_write_deliveries, session, message, rows, now), seen)
-                )
-            while in_flight:
-                _written(in_flight.popleft(), result, progress)
+            except BaseException:
+                # nothing more is written, and the session is rolled back only once the
+                # writer is done with it
+                writer.shutdown(wait=False, cancel_futures=True)
+                _settle(write for write, _ in in_flight)
+                raise
         if seen == 0:
             raise InputError("the recipient list is empty")
         # the rows the INSERTs skipped were already there: the same address met before
@@ -216,9 +221,25 @@ def send_campaign(
         if result.queued == 0 and result.suppressed == 0:
             raise InputError("no valid recipient in the list; nothing was queued")
     if _due(send_at, now):
-        with db.session_scope() as session:
+        # a reading session: on SQLite it holds no write lock while the wake-ups go out
+        with db.read_scope() as session:
             publish.publish(_queued_ids(session, message.id), Priority.BULK, settings().chunk_size)
     return result
+
+
+def _settle(writes: Iterable[Future[Written]]) -> None:
+    """Wait until the writes have ended, however they end; a second Ctrl-C meanwhile does not
+    cut the wait short (a write is a fraction of a second; rolling back beside it is not
+    safe)."""
+    for write in writes:
+        while True:
+            try:
+                write.exception()  # waits; its error, if any, is not the one to raise
+                break
+            except CancelledError:  # never started
+                break
+            except KeyboardInterrupt:
+                continue
 
 
 def _written(
@@ -364,19 +385,34 @@ def _context(context: Mapping[str, Any] | None) -> dict[str, Any]:
             f"the context is {len(encoded) / 1024:.0f} KiB; the limit is "
             f"{MAX_CONTEXT_BYTES // 1024} KiB (store large data elsewhere and pass a reference)"
         )
-    if b"\\u0000" in encoded:
-        name = next(k for k, v in ctx.items() if b"\\u0000" in _json({k: v}))
-        raise InputError(f"the context value {name!r} contains a NUL character; remove it")
+    if b"\\u0000" in encoded:  # a NUL, or only the text \u0000: the values say which
+        named = next((k for k, v in ctx.items() if _has_nul(k) or _has_nul(v)), None)
+        if named is not None:
+            raise InputError(f"the context value {named!r} contains a NUL character; remove it")
     return ctx
 
 
+def _has_nul(value: Any) -> bool:
+    if isinstance(value, str):
+        return "\0" in value
+    if isinstance(value, dict):
+        return any(_has_nul(k) or _has_nul(v) for k, v in value.items())
+    if isinstance(value, list | tuple):
+        return any(_has_nul(v) for v in value)
+    return False
+
+
 def _json(ctx: dict[str, Any]) -> bytes:
-    """The context as UTF-8 JSON. orjson (ten times faster) takes a context of strings, such
-    as a CSV row; it would write NaN as null, so anything else goes to the json module, which
-    refuses NaN and infinities (PostgreSQL would store them as null)."""
+    """The context as compact UTF-8 JSON. orjson (ten times faster) takes a context of
+    strings, such as a CSV row; it would write NaN as null, so anything else (and a key that
+    is not a string) goes to the json module, which refuses NaN and infinities (PostgreSQL
+    would store them as null)."""
     if all(type(value) is str for value in ctx.values()):
-        return orjson.dumps(ctx)
-    return json.dumps(ctx, allow_nan=False, ensure_ascii=False).encode()
+        try:
+            return orjson.dumps(ctx)
+        except TypeError:
+            pass
+    return json.dumps(ctx, allow_nan=False, ensure_ascii=False, separators=(",", ":")).encode()
 
 
 def _no_nul(value: str | None, what: str) -> None:

@@ -897,6 +897,22 @@ def test_a_number_json_cannot_hold_is_refused_not_stored_as_null(
     )
 
 
+def test_the_text_of_an_escape_is_not_a_nul_and_keys_need_not_be_strings(any_db: str) -> None:
+    # "\\u0000" written out (a code sample) is six characters, not a NUL; a key that is not
+    # a string is stored as JSON stores it, whatever the types of the values
+    add_template()
+    rows = [
+        {"email": "a@example.com", "name": "A", "sample": "printf('\\u0000')"},
+        {"email": "b@example.com", "name": "B", 1: "one"},
+    ]
+    assert campaign_welcome(rows).queued == 2
+    contexts = {d.recipient: d.context for d in deliveries()}
+    assert contexts["a@example.com"]["sample"] == "printf('\\u0000')"
+    assert contexts["b@example.com"]["1"] == "one"
+    with pytest.raises(InputError, match="the context value 'deep' contains a NUL"):
+        campaign_welcome([{"email": "c@example.com", "name": "C", "deep": {"x": ["a\0b"]}}])
+
+
 @pytest.mark.parametrize("call", ["idempotency_key", "campaign_name"])
 def test_nul_in_an_idempotency_key_or_a_campaign_name_is_refused(any_db: str, call: str) -> None:
     add_template()

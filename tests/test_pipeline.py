@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import signal
 import threading
+import time
+from collections.abc import Iterator
 from datetime import timedelta
+from typing import Any
 
 import pytest
 from sqlalchemy import select
+from sqlalchemy.orm import Session
 
 import mailer
-from mailer import clock, compose, db, delivery, dispatcher, enqueue, suppressions
+from mailer import bulk, clock, compose, db, delivery, dispatcher, enqueue, suppressions
 from mailer.delivery import deliver_chunk
 from mailer.errors import InputError
 from mailer.models import Attempt, Delivery, DeliveryState, Message
@@ -309,3 +314,51 @@ def test_a_concurrent_send_with_the_same_key_returns_the_first_message(
     )
     assert again == first and len(calls) == 2
     assert count(Message) == 1 and count(Delivery) == 1
+
+
+def test_an_interrupt_with_writes_in_flight_rolls_back_only_after_them(
+    sqlite_db: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    add_template()
+    log: list[str] = []
+    insert = bulk.insert_rows
+
+    def slow_insert(session: Any, model: Any, rows: Any, **options: Any) -> int:
+        if rows:
+            log.append("start")
+            time.sleep(0.4)
+        written = insert(session, model, rows, **options)
+        if rows:
+            log.append("end")
+        return written
+
+    rollback = Session.rollback
+
+    def logged_rollback(self: Session) -> None:
+        log.append("rollback")
+        rollback(self)
+
+    monkeypatch.setattr(bulk, "insert_rows", slow_insert)
+    monkeypatch.setattr(Session, "rollback", logged_rollback)
+
+    def second_interrupt(*_: Any) -> None:
+        raise KeyboardInterrupt
+
+    def rows() -> Iterator[dict[str, str]]:
+        yield from ({"email": f"u{i}@example.com", "name": "x"} for i in range(3 * enqueue.BATCH))
+        signal.setitimer(signal.ITIMER_REAL, 0.1)  # Ctrl-C again while the first is handled
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGALRM, second_interrupt)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            enqueue.send_campaign("welcome", rows())
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+    time.sleep(0.6)  # a write still going on, or started later, would show now
+    # the batch being written ended; the one queued behind it never started; the campaign was
+    # rolled back after that, never beside a write
+    assert log.count("start") == log.count("end") == 2
+    assert log.index("rollback") > max(i for i, entry in enumerate(log) if entry == "end")
+    assert count(Message) == 0 and count(Delivery) == 0
