@@ -684,15 +684,22 @@ def case_mailer(
     return out
 
 
-def case_enqueue_csv(b: Bench, n: int) -> dict[str, Any]:
-    import content
-
-    d = b.rundir("enqueue-csv")
+def fresh_pg_case(b: Bench, label: str) -> tuple[Path, str, str, dict[str, str]]:
+    """A run's directory, the mailer code it starts with, and a migrated PostgreSQL schema
+    (its URL and the environment pointing there), with the broker emptied."""
+    d = b.rundir(label)
     code = mailer_fingerprint()
     url = fresh_database(b, "pg", d)
     b.redis.flush()
     env = b.mailer_env(url, b.sink.url)
     run_json([PYTHON, str(BENCH / "produce.py"), "setup"], env, d / "setup.log", 300)
+    return d, code, url, env
+
+
+def case_enqueue_csv(b: Bench, n: int) -> dict[str, Any]:
+    import content
+
+    d, code, _, env = fresh_pg_case(b, "enqueue-csv")
     path = b.workdir / f"recipients-{n}.csv"
     if not path.exists():  # written once a session, outside the measurement
         content.write_csv(path, n)
@@ -730,12 +737,7 @@ def case_enqueue_csv(b: Bench, n: int) -> dict[str, Any]:
 
 
 def case_txn_idle(b: Bench) -> dict[str, Any]:
-    d = b.rundir("txn-idle")
-    code = mailer_fingerprint()
-    url = fresh_database(b, "pg", d)
-    b.redis.flush()
-    env = b.mailer_env(url, b.sink.url)
-    run_json([PYTHON, str(BENCH / "produce.py"), "setup"], env, d / "setup.log", 300)
+    d, code, url, env = fresh_pg_case(b, "txn-idle")
     outbox = Outbox(url)
     worker = start_mailer_worker(b, env, d, b.args.mailer_concurrency)
     try:
