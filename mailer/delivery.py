@@ -13,7 +13,7 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
@@ -97,15 +97,20 @@ def deliver_chunk(
     recorder = _Recorder(s, lease, {w.delivery.id: w.delivery for w in work})
     stopped: list[ReplyClass] = []
     untried: list[_Work] = []
+    aside: list[Verdict] = []
+    sending = _send(list(_transactions(work)), transport, s, stopped, aside)
     try:
-        for group, verdicts in _send(list(_transactions(work)), transport, s, stopped):
+        for group, verdicts in sending:
             if verdicts is None:  # the relay failed meanwhile: not tried
                 untried += group
                 continue
             report.attempted += len(group)
             recorder.add(verdicts)
     finally:
-        # whatever happens, what was sent is recorded (else it would go out again)
+        # whatever happens, what was sent is recorded (else it would go out again), that of
+        # other sessions still sending when this loop ended early too (`aside`)
+        sending.close()
+        recorder.pending += aside
         recorder.flush()
     if untried:
         report.released = len(untried)
@@ -116,10 +121,16 @@ def deliver_chunk(
 
 
 def _send(
-    groups: list[list[_Work]], transport: Transport | None, s: Settings, stopped: list[ReplyClass]
-) -> Iterator[tuple[list[_Work], list[Verdict] | None]]:
+    groups: list[list[_Work]],
+    transport: Transport | None,
+    s: Settings,
+    stopped: list[ReplyClass],
+    aside: list[Verdict],
+) -> Generator[tuple[list[_Work], list[Verdict] | None]]:
     """Each group's verdicts, as they come; after a relay-wide failure, the groups not yet
-    begun come back untried (None)."""
+    begun come back untried (None). Closed early, it starts nothing more and waits for the
+    sessions still sending, whose verdicts it puts `aside`."""
+    halted: list[bool] = []
 
     def attempt(
         group: list[_Work],
@@ -127,7 +138,7 @@ def _send(
         following: Outgoing | None,
         meanwhile: Callable[[], object] | None,
     ) -> tuple[list[_Work], list[Verdict] | None]:
-        if stopped:
+        if stopped or halted:
             return group, None
         relay = transport if transport is not None else session_for(s.smtp)
         verdicts = _attempt(group, relay, composed, following, meanwhile)
@@ -146,14 +157,27 @@ def _send(
         lanes = len(threads)
         runs = [_in_turn(groups[lane::lanes], attempt, stopped) for lane in range(lanes)]
         ahead = {threads[lane].submit(next, runs[lane], None): lane for lane in range(lanes)}
-        while ahead:
-            done, _ = wait(ahead, return_when=FIRST_COMPLETED)
-            for future in done:
-                lane = ahead.pop(future)
-                result = future.result()
-                if result is not None:
-                    yield result
-                    ahead[threads[lane].submit(next, runs[lane], None)] = lane
+        try:
+            while ahead:
+                done, _ = wait(ahead, return_when=FIRST_COMPLETED)
+                for future in done:
+                    lane = ahead.pop(future)
+                    result = future.result()
+                    if result is not None:
+                        yield result
+                        ahead[threads[lane].submit(next, runs[lane], None)] = lane
+        finally:
+            # ended early (the consumer failed, or a lane did): the lanes go back idle, and
+            # what they were sending is kept to be recorded
+            halted.append(True)
+            for future in ahead:
+                try:
+                    result = future.result()
+                except Exception:
+                    log.exception("a sending lane failed")
+                    continue
+                if result is not None and result[1] is not None:
+                    aside.extend(result[1])
 
 
 Attempt = Callable[

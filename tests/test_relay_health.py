@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import threading
+import time
 
+import pytest
 from click.testing import CliRunner
 
 import mailer
-from mailer import db, dispatcher
+from mailer import db, delivery, dispatcher
 from mailer.cli import cli
 from mailer.delivery import deliver_chunk
 from mailer.models import Relay
@@ -129,3 +131,32 @@ def test_the_sessions_setting_bounds_the_connections_whatever_the_chunk(
             deliver_chunk(chunk)
         assert sorted(server.copies().values()) == [1] * 13
         assert server.connections == 4
+
+
+def test_what_other_sessions_sent_is_recorded_when_one_fails(
+    sqlite_db, configure_env, monkeypatch
+) -> None:
+    # a lane failing (a bug) ends the chunk; the messages the other lanes were sending at that
+    # moment went out, and get their outcomes recorded rather than being sent again later
+    with ScriptedSMTPServer() as server:
+        configure_env(smtp_url=server.url(tls="none"), smtp_sessions=3)
+        add_template()
+        mailer.send_campaign(
+            "welcome", [{"email": f"r{i}@example.com", "name": "x"} for i in range(9)]
+        )
+        attempt = delivery._attempt
+
+        def failing(group, *args):
+            if group[0].delivery.recipient == "r4@example.com":
+                time.sleep(0.2)  # the other lanes are sending meanwhile
+                raise RuntimeError("a bug")
+            verdicts = attempt(group, *args)
+            time.sleep(0.3)  # still sending when r4's lane fails
+            return verdicts
+
+        monkeypatch.setattr(delivery, "_attempt", failing)
+        with pytest.raises(RuntimeError, match="a bug"):
+            deliver_chunk(_ids())
+        sent = {address for address, state in states().items() if state == "sent"}
+        assert set(server.copies()) == sent
+        assert "r4@example.com" not in sent
