@@ -132,13 +132,16 @@ def _send(
     sessions still sending, whose verdicts it puts `aside`."""
     halted: list[bool] = []
 
+    def over() -> bool:  # a relay-wide failure, or the consumer gone: start nothing more
+        return bool(stopped or halted)
+
     def attempt(
         group: list[_Work],
         composed: Outgoing | str,
         following: Outgoing | None,
         meanwhile: Callable[[], object] | None,
     ) -> tuple[list[_Work], list[Verdict] | None]:
-        if stopped or halted:
+        if over():
             return group, None
         relay = transport if transport is not None else session_for(s.smtp)
         verdicts = _attempt(group, relay, composed, following, meanwhile)
@@ -147,7 +150,7 @@ def _send(
         return group, verdicts
 
     if transport is not None or s.smtp_sessions == 1 or len(groups) == 1:
-        yield from _in_turn(groups, attempt, stopped)
+        yield from _in_turn(groups, attempt, over)
         return
     # One lane per session, each a thread of its own (so always the same session), sending its
     # groups in turn; a chunk has its lanes to itself (chunks at once in a threaded worker
@@ -155,7 +158,7 @@ def _send(
     # database is away), little more is sent before this generator's consumer is back.
     with _lanes(s.smtp_sessions).lease(len(groups)) as threads:
         lanes = len(threads)
-        runs = [_in_turn(groups[lane::lanes], attempt, stopped) for lane in range(lanes)]
+        runs = [_in_turn(groups[lane::lanes], attempt, over) for lane in range(lanes)]
         ahead = {threads[lane].submit(next, runs[lane], None): lane for lane in range(lanes)}
         try:
             while ahead:
@@ -187,16 +190,16 @@ Attempt = Callable[
 
 
 def _in_turn(
-    groups: list[list[_Work]], attempt: Attempt, stopped: list[ReplyClass]
+    groups: list[list[_Work]], attempt: Attempt, over: Callable[[], bool]
 ) -> Iterator[tuple[list[_Work], list[Verdict] | None]]:
     """The groups one after the other over one session. Each message is composed before the
     one ahead of it is sent, so that its envelope can go out behind that one
     (SMTPSession.send's `following`), and the one after it while the server takes that
-    message (`meanwhile`); after a relay-wide failure nothing more is composed."""
+    message (`meanwhile`); once `over()`, nothing more is composed."""
     composed: dict[int, Outgoing | str] = {}
 
     def compose(index: int) -> Outgoing | str | None:
-        if index >= len(groups) or stopped:
+        if index >= len(groups) or over():
             return None
         if index not in composed:
             composed[index] = _composed(groups[index])
@@ -204,7 +207,7 @@ def _in_turn(
 
     for index, group in enumerate(groups):
         current = compose(index)
-        if current is None:  # stopped: the group goes back untried
+        if current is None:  # over: the group goes back untried
             yield group, None
             continue
         upcoming = compose(index + 1)
@@ -281,15 +284,16 @@ def _claim(
         )
         for m in loaded
     }
-    suppressed = suppressions.suppressed(session, [c.recipient.lower() for c in claimed])
+    keys = [c.recipient.lower() for c in claimed]  # the suppression list's key
+    suppressed = suppressions.suppressed(session, keys)
     closed: dict[int, tuple[DeliveryState, str]] = {}
     work: list[_Work] = []
-    for c in claimed:
+    for c, key in zip(claimed, keys, strict=True):
         message = messages[c.message_id]
         if message.expires_at is not None and now >= message.expires_at:
             closed[c.id] = (S.EXPIRED, f"message expired at {message.expires_at.isoformat()}")
-        elif c.recipient.lower() in suppressed:
-            closed[c.id] = (S.SUPPRESSED, f"suppressed: {suppressed[c.recipient.lower()]}")
+        elif key in suppressed:
+            closed[c.id] = (S.SUPPRESSED, f"suppressed: {suppressed[key]}")
         else:
             work.append(_Work(c, message))
     if closed:

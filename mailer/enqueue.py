@@ -428,20 +428,16 @@ def _deliveries(
 ) -> Deliveries:
     """What differs from one delivery to the next (_write_deliveries adds the rest), split by
     whether the address is on the suppression list."""
-    rows: list[dict[str, Any]] = [
-        {
+    chosen = list(recipients)
+    listed = suppressions.suppressed(session, [address.key for address, _ in chosen])
+    split: Deliveries = {False: [], True: []}
+    for address, own in chosen:
+        row = {
             "recipient": address.normalized,
             "domain": address.domain,
             "context": own,  # a dict of its own (_context made it)
         }
-        for address, own in recipients
-    ]
-    listed = suppressions.suppressed(session, [row["recipient"].lower() for row in rows])
-    split: Deliveries = {False: rows, True: []}
-    if listed:
-        split = {False: [], True: []}
-        for row in rows:
-            split[row["recipient"].lower() in listed].append(row)
+        split[address.key in listed].append(row)
     return split
 
 

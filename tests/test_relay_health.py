@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
+from typing import Any
 
 import pytest
 from click.testing import CliRunner
@@ -21,6 +22,19 @@ SECRET = "right-password"
 
 def _ids() -> list[int]:
     return [d.id for d in deliveries()]
+
+
+def _campaign_over_sessions(
+    server: ScriptedSMTPServer, configure_env: Any, sessions: int, count: int
+) -> list[int]:
+    """A campaign to r0..r{count-1}@example.com, workers sending over `sessions` sessions to
+    `server`; the deliveries' ids."""
+    configure_env(smtp_url=server.url(tls="none"), smtp_sessions=sessions)
+    add_template()
+    mailer.send_campaign(
+        "welcome", [{"email": f"r{i}@example.com", "name": "x"} for i in range(count)]
+    )
+    return _ids()
 
 
 def test_bad_credentials_pause_the_relay_and_keep_everyone_queued(any_db, configure_env) -> None:
@@ -69,11 +83,7 @@ def test_required_starttls_missing_sends_nothing_and_tries_no_auth(
 
 def test_a_chunk_goes_out_over_several_sessions_at_once(sqlite_db, configure_env) -> None:
     with ScriptedSMTPServer() as server:
-        configure_env(smtp_url=server.url(tls="none"), smtp_sessions=4)
-        add_template()
-        rows = [{"email": f"r{i}@example.com", "name": "x"} for i in range(40)]
-        mailer.send_campaign("welcome", rows)
-        report = deliver_chunk(_ids())
+        report = deliver_chunk(_campaign_over_sessions(server, configure_env, 4, 40))
         assert report.attempted == 40
         assert set(states().values()) == {"sent"}
         assert sorted(server.copies().values()) == [1] * 40
@@ -86,11 +96,7 @@ def test_a_throttling_relay_stops_the_other_sessions_and_spends_nothing(
 ) -> None:
     with ScriptedSMTPServer() as server:
         server.reply("MAIL", "421 4.7.0 Too many messages, slow down")
-        configure_env(smtp_url=server.url(tls="none"), smtp_sessions=4)
-        add_template()
-        rows = [{"email": f"r{i}@example.com", "name": "x"} for i in range(40)]
-        mailer.send_campaign("welcome", rows)
-        report = deliver_chunk(_ids())
+        report = deliver_chunk(_campaign_over_sessions(server, configure_env, 4, 40))
         assert report.attempted + report.released == 40
         assert report.released > 0  # the groups not yet begun were handed back untried
         assert set(states().values()) == {"deferred"}
@@ -102,11 +108,7 @@ def test_chunks_at_once_in_one_process_take_lanes_of_their_own(sqlite_db, config
     # a threaded worker runs chunks side by side: each sends over lanes no other chunk uses,
     # so no chunk's envelope sent ahead is ever dropped by another's message
     with ScriptedSMTPServer() as server:
-        configure_env(smtp_url=server.url(tls="none"), smtp_sessions=2)
-        add_template()
-        rows = [{"email": f"r{i}@example.com", "name": "x"} for i in range(40)]
-        mailer.send_campaign("welcome", rows)
-        ids = _ids()
+        ids = _campaign_over_sessions(server, configure_env, 2, 40)
         chunks = [ids[:20], ids[20:]]
         threads = [threading.Thread(target=deliver_chunk, args=(chunk,)) for chunk in chunks]
         for thread in threads:
@@ -122,11 +124,7 @@ def test_the_sessions_setting_bounds_the_connections_whatever_the_chunk(
     sqlite_db, configure_env
 ) -> None:
     with ScriptedSMTPServer() as server:
-        configure_env(smtp_url=server.url(tls="none"), smtp_sessions=4)
-        add_template()
-        rows = [{"email": f"r{i}@example.com", "name": "x"} for i in range(13)]
-        mailer.send_campaign("welcome", rows)
-        ids = _ids()
+        ids = _campaign_over_sessions(server, configure_env, 4, 13)
         for chunk in (ids[:8], ids[8:11], ids[11:]):
             deliver_chunk(chunk)
         assert sorted(server.copies().values()) == [1] * 13
@@ -139,11 +137,7 @@ def test_what_other_sessions_sent_is_recorded_when_one_fails(
     # a lane failing (a bug) ends the chunk; the messages the other lanes were sending at that
     # moment went out, and get their outcomes recorded rather than being sent again later
     with ScriptedSMTPServer() as server:
-        configure_env(smtp_url=server.url(tls="none"), smtp_sessions=3)
-        add_template()
-        mailer.send_campaign(
-            "welcome", [{"email": f"r{i}@example.com", "name": "x"} for i in range(9)]
-        )
+        ids = _campaign_over_sessions(server, configure_env, 3, 9)
         attempt = delivery._attempt
 
         def failing(group, *args):
@@ -156,7 +150,7 @@ def test_what_other_sessions_sent_is_recorded_when_one_fails(
 
         monkeypatch.setattr(delivery, "_attempt", failing)
         with pytest.raises(RuntimeError, match="a bug"):
-            deliver_chunk(_ids())
+            deliver_chunk(ids)
         sent = {address for address, state in states().items() if state == "sent"}
         assert set(server.copies()) == sent
         assert "r4@example.com" not in sent

@@ -96,7 +96,6 @@ class SMTPSession:
         # the next send() must be that transaction, or the connection is dropped, which
         # aborts it (no body was sent, so nothing can be delivered)
         self._announced: _Envelope | None = None
-        self._meanwhile: Callable[[], object] | None = None
 
     # --- the transaction ----------------------------------------------------------------
 
@@ -114,24 +113,15 @@ class SMTPSession:
             log.debug("relay %s: the announced transaction was not sent; reconnecting", self.name)
             self._abort()
         started = clock.now()
-        self._meanwhile = meanwhile
-        try:
-            results = self._deliver(outgoing, following) if outgoing.recipients else []
-        finally:
-            self._meanwhile = None
+        results = self._deliver(outgoing, following, meanwhile) if outgoing.recipients else []
         tls = self._tls
         self._after_transaction()
         return TransactionResult(tuple(results), self.name, tls, started, clock.now())
 
-    def _while_waiting(self) -> None:
-        work, self._meanwhile = self._meanwhile, None
-        if work is not None:
-            try:
-                work()
-            except Exception:  # the message is out: its reply must still be read and reported
-                log.exception("relay %s: work done while waiting for a reply failed", self.name)
-
-    def _deliver(self, out: Outgoing, following: Outgoing | None) -> list[RecipientResult]:
+    def _deliver(
+        self, out: Outgoing, following: Outgoing | None, meanwhile: Callable[[], object] | None
+    ) -> list[RecipientResult]:
+        # a retry comes only where no body was sent, so `meanwhile` runs once at most
         retries = set(_Retry)
         while True:
             decided: dict[str, RecipientResult] = {}
@@ -145,7 +135,7 @@ class SMTPSession:
                 else:
                     smtp, reused = self._ready()
                     pipelined = self._use_pipelining(smtp)
-                self._transaction(smtp, out, pipelined, decided, following)
+                self._transaction(smtp, out, pipelined, decided, following, meanwhile)
                 return [decided[r] for r in out.recipients]
             except _Failed as failed:
                 if failed.phase is not Phase.LOCAL:  # a local refusal leaves the session in step
@@ -185,6 +175,7 @@ class SMTPSession:
         pipelined: bool,
         decided: dict[str, RecipientResult],
         following: Outgoing | None,
+        meanwhile: Callable[[], object] | None,
     ) -> None:
         """Run one transaction, filling `decided` as replies come in (raises _Failed)."""
         announced, self._announced = self._announced, None
@@ -213,8 +204,7 @@ class SMTPSession:
             for _ in out.recipients:  # the server answers every pipelined RCPT: stay in step
                 next(replies)
         body = _dot_stuffed(envelope.message)
-        then = self._announce(smtp, following) if pipelined else None
-        self._data(smtp, next(replies), accepted, body, decided, then)
+        self._data(smtp, next(replies), accepted, body, decided, following, meanwhile)
 
     def _envelope(self, smtp: smtplib.SMTP, out: Outgoing) -> _Envelope:
         """The transaction's commands for this server (raises _Failed at Phase.LOCAL for what
@@ -226,9 +216,12 @@ class SMTPSession:
         return _Envelope(out, commands, message)
 
     def _announce(self, smtp: smtplib.SMTP, following: Outgoing | None) -> _Envelope | None:
-        """The envelope to write behind this message: none for a session that closes after
-        it, or for a transaction the server would refuse (its own send() reports that)."""
+        """The envelope to write behind this message: none without PIPELINING, for a session
+        that closes after it, or for a transaction the server would refuse (its own send()
+        reports that)."""
         if following is None or not following.recipients or self._ahead_broken:
+            return None
+        if not self._use_pipelining(smtp):
             return None
         if self._in_session + 1 >= self.config.max_messages:
             return None
@@ -261,7 +254,8 @@ class SMTPSession:
         accepted: list[str],
         body: bytes,
         decided: dict[str, RecipientResult],
-        then: _Envelope | None,
+        following: Outgoing | None,
+        meanwhile: Callable[[], object] | None,
     ) -> None:
         if data.code != ReplyCode.START_INPUT or not accepted:
             for recipient in accepted:
@@ -272,6 +266,7 @@ class SMTPSession:
                 self._ask(smtp, Phase.BODY, b".")
             self._rset(smtp)
             return
+        then = self._announce(smtp, following)
         with _phase(Phase.BODY):
             if _peer_closed(smtp):
                 # gone before a byte of the body left: certainly not delivered, so a plain
@@ -280,7 +275,11 @@ class SMTPSession:
             smtp.send(body + b"." + _CRLF + (then.wire if then is not None else b""))
         self._announced = then
         self._in_session += 1
-        self._while_waiting()
+        if meanwhile is not None:
+            try:
+                meanwhile()
+            except Exception:  # the message is out: its reply must still be read and reported
+                log.exception("relay %s: work done while waiting for a reply failed", self.name)
         with _phase(Phase.DOT):
             _timeout(smtp, self.config.data_timeout)
             final = _read(smtp)
