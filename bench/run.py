@@ -1065,14 +1065,56 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def run_case(b: Bench, case: str) -> list[dict[str, Any]]:
-    a = b.args
-    runs: list[dict[str, Any]] = []
+class CaseRunner:
+    """One case's runs. The runs of all cases are taken in turn (a run of each, then the
+    next round), so that the machine's slow spells fall on every case alike and the ratios
+    compare runs made at about the same time."""
 
-    def one(fn: Callable[[], dict[str, Any]]) -> None:
+    def __init__(self, b: Bench, case: str) -> None:
+        self.b, self.case = b, case
+        self.runs: list[dict[str, Any]] = []
+        self.naive: list[NaiveWorker] = []
+        a = b.args
+        rtt_mode = case.split("-")[0]
+        # the raw clients through the proxy: about 4 s of sending at its round trip
+        per_msg = (4 if rtt_mode == "lockstep" else 1) * a.rtt_ms / 1000
+        rtt_count = max(a.clients * 10, int(4.0 / per_msg) * a.clients)
+        jobs: dict[str, Callable[[], dict[str, Any]]] = {
+            "lockstep": lambda: case_client(b, case, b.sink.port, a.recipients, a.clients),
+            "pipelined": lambda: case_client(b, case, b.sink.port, a.recipients, a.clients),
+            "lockstep-rtt20": lambda: case_client(
+                b, rtt_mode, b.delay_proxy().port, rtt_count, a.clients
+            ),
+            "pipelined-rtt20": lambda: case_client(
+                b, rtt_mode, b.delay_proxy().port, rtt_count, a.clients
+            ),
+            "naive": self._naive_run,
+            "mailer-pg": lambda: case_mailer(b, case, "pg", b.sink.url, a.recipients),
+            "mailer-sqlite": lambda: case_mailer(b, case, "sqlite", b.sink.url, a.recipients),
+            "enqueue-csv": lambda: case_enqueue_csv(b, a.csv_recipients),
+            "txn-busy": lambda: case_mailer(b, case, "pg", b.sink.url, a.recipients, txn=True),
+            "txn-idle": lambda: case_txn_idle(b),
+            "mailer-pg-rtt20": lambda: case_mailer(
+                b, case, "pg-rtt", b.delay_proxy().url, a.rtt_recipients
+            ),
+        }
+        self.job = jobs[case]
+
+    def _naive_run(self) -> dict[str, Any]:
+        if not self.naive:  # started on the first run; readiness failures count as that run's
+            self.naive.append(NaiveWorker(self.b))
+        return case_naive(self.b, self.naive[0])
+
+    def close(self) -> None:
+        for worker in self.naive:
+            worker.stop()
+        self.naive.clear()
+
+    def once(self) -> None:
+        case = self.case
         t0 = now()
         try:
-            result = fn()
+            result = self.job()
         except Exception as exc:
             result = {
                 "exception": f"{type(exc).__name__}: {exc}",
@@ -1080,7 +1122,7 @@ def run_case(b: Bench, case: str) -> list[dict[str, Any]]:
             }
             print(f"  ! {case}: {result['exception'][:2000]}", flush=True)
         result["wall_seconds"] = now() - t0
-        runs.append(result)
+        self.runs.append(result)
         show = result.get("msgs_per_s")
         extra = ""
         if "txn" in result or case == "txn-idle":
@@ -1092,48 +1134,10 @@ def run_case(b: Bench, case: str) -> list[dict[str, Any]]:
         if "enqueue_per_s" in result:
             extra += f" (enqueue {fmt_rate(result['enqueue_per_s'])}/s)"
         print(
-            f"  {case} run {len(runs)}: {fmt_rate(show)} msgs/s{extra} "
+            f"  {case} run {len(self.runs)}: {fmt_rate(show)} msgs/s{extra} "
             f"[{result['wall_seconds']:.1f}s]",
             flush=True,
         )
-
-    naive: list[NaiveWorker] = []
-
-    def naive_run() -> dict[str, Any]:
-        if not naive:  # started once, on the first run; readiness failures count as that run's
-            naive.append(NaiveWorker(b))
-        return case_naive(b, naive[0])
-
-    rtt_mode = case.split("-")[0]
-    # the raw clients through the proxy: about 4 s of sending at its round trip
-    per_msg = (4 if rtt_mode == "lockstep" else 1) * a.rtt_ms / 1000
-    rtt_count = max(a.clients * 10, int(4.0 / per_msg) * a.clients)
-    jobs: dict[str, Callable[[], dict[str, Any]]] = {
-        "lockstep": lambda: case_client(b, case, b.sink.port, a.recipients, a.clients),
-        "pipelined": lambda: case_client(b, case, b.sink.port, a.recipients, a.clients),
-        "lockstep-rtt20": lambda: case_client(
-            b, rtt_mode, b.delay_proxy().port, rtt_count, a.clients
-        ),
-        "pipelined-rtt20": lambda: case_client(
-            b, rtt_mode, b.delay_proxy().port, rtt_count, a.clients
-        ),
-        "naive": naive_run,
-        "mailer-pg": lambda: case_mailer(b, case, "pg", b.sink.url, a.recipients),
-        "mailer-sqlite": lambda: case_mailer(b, case, "sqlite", b.sink.url, a.recipients),
-        "enqueue-csv": lambda: case_enqueue_csv(b, a.csv_recipients),
-        "txn-busy": lambda: case_mailer(b, case, "pg", b.sink.url, a.recipients, txn=True),
-        "txn-idle": lambda: case_txn_idle(b),
-        "mailer-pg-rtt20": lambda: case_mailer(
-            b, case, "pg-rtt", b.delay_proxy().url, a.rtt_recipients
-        ),
-    }
-    try:
-        for _ in range(a.runs):
-            one(jobs[case])
-    finally:
-        for worker in naive:
-            worker.stop()
-    return runs
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -1177,6 +1181,7 @@ def main(argv: list[str] | None = None) -> int:
             f":{sink.port}, redis :{redis.port}, {pg_note}; work dir {workdir}",
             flush=True,
         )
+        runners: dict[str, CaseRunner] = {}
         for case in args.cases:
             print(f"- {case}: {CASES[case]}", flush=True)
             if case in ("mailer-pg", "txn-busy", "txn-idle", "mailer-pg-rtt20") and pg_url is None:
@@ -1187,9 +1192,19 @@ def main(argv: list[str] | None = None) -> int:
                 }
                 print(f"  skipped: PostgreSQL unavailable ({pg_note})")
                 continue
-            runs = run_case(b, case)
-            failed |= any("exception" in r or "error" in r for r in runs)
-            report["cases"][case] = {"description": CASES[case], "runs": runs}
+            runners[case] = CaseRunner(b, case)
+        try:
+            for round_no in range(args.runs):
+                if args.runs > 1:
+                    print(f"round {round_no + 1} of {args.runs}", flush=True)
+                for runner in runners.values():
+                    runner.once()
+        finally:
+            for runner in runners.values():
+                runner.close()
+        for case, runner in runners.items():
+            failed |= any("exception" in r or "error" in r for r in runner.runs)
+            report["cases"][case] = {"description": CASES[case], "runs": runner.runs}
         rows, ratios = summarize(report, args)
         report["summary"] = [
             {

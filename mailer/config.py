@@ -69,8 +69,8 @@ VARIABLES: list[tuple[str, str, str]] = [
     (
         "MAILER_SMTP_SESSIONS",
         "auto",
-        "SMTP sessions each worker process keeps and sends over at once (auto: 1 for a relay "
-        "on this host, 4 for any other)",
+        "SMTP sessions each worker process keeps and sends over at once, two to a thread in "
+        "step (auto: 2 for a relay on this host, 4 for any other)",
     ),
     ("MAILER_CHUNK_SIZE", "100", "deliveries per Celery task"),
     ("MAILER_LEASE_SECONDS", "300", "a claimed delivery not recorded by then is handed out again"),
@@ -140,11 +140,11 @@ def reload() -> Settings:
 
 def _sessions(value: str, relay: RelayConfig) -> int:
     """More sessions pay while a process waits for a distant relay's answers. A relay on this
-    host answers at once, and then sessions (threads of one process) only contend for the
-    interpreter: the worker spent 296 us of CPU a message over one, 556 over four (BENCHMARKS.md);
-    the worker's several processes already keep the relay busy."""
+    host answers at once: two sessions, which one thread drives in step (delivery.IN_STEP), so
+    that one wait covers both; more would be threads of one process contending for the
+    interpreter (BENCHMARKS.md). The worker's several processes already keep the relay busy."""
     if value.strip().lower() == "auto":
-        return 1 if _on_this_host(relay.host) else 4
+        return 2 if _on_this_host(relay.host) else 4
     return _count(value)
 
 

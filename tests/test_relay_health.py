@@ -105,10 +105,11 @@ def test_a_throttling_relay_stops_the_other_sessions_and_spends_nothing(
 
 
 def test_chunks_at_once_in_one_process_take_lanes_of_their_own(sqlite_db, configure_env) -> None:
-    # a threaded worker runs chunks side by side: each sends over lanes no other chunk uses,
-    # so no chunk's envelope sent ahead is ever dropped by another's message
+    # a threaded worker runs chunks side by side: each sends over lanes (two sessions each)
+    # no other chunk uses, so no chunk's envelope sent ahead is ever dropped by another's
+    # message
     with ScriptedSMTPServer() as server:
-        ids = _campaign_over_sessions(server, configure_env, 2, 40)
+        ids = _campaign_over_sessions(server, configure_env, 4, 40)
         chunks = [ids[:20], ids[20:]]
         threads = [threading.Thread(target=deliver_chunk, args=(chunk,)) for chunk in chunks]
         for thread in threads:
@@ -117,7 +118,7 @@ def test_chunks_at_once_in_one_process_take_lanes_of_their_own(sqlite_db, config
             thread.join()
         assert set(states().values()) == {"sent"}
         assert sorted(server.copies().values()) == [1] * 40
-        assert server.connections == 2
+        assert server.connections == 4
 
 
 def test_the_sessions_setting_bounds_the_connections_whatever_the_chunk(
@@ -154,3 +155,57 @@ def test_what_other_sessions_sent_is_recorded_when_one_fails(
         sent = {address for address, state in states().items() if state == "sent"}
         assert set(server.copies()) == sent
         assert "r4@example.com" not in sent
+
+
+def test_a_lane_writes_to_each_of_its_sessions_before_reading_their_replies(
+    sqlite_db, configure_env, monkeypatch
+) -> None:
+    with ScriptedSMTPServer() as server:
+        ids = _campaign_over_sessions(server, configure_env, 2, 6)
+        attempt = delivery._attempt
+        events: list[tuple[str, str]] = []
+
+        def watched(group, *args):
+            events.append(("send", group[0].delivery.recipient))
+            verdicts = attempt(group, *args)
+            events.append(("replied", group[0].delivery.recipient))
+            return verdicts
+
+        monkeypatch.setattr(delivery, "_attempt", watched)
+        deliver_chunk(ids)
+        assert set(states().values()) == {"sent"}
+        assert sorted(server.copies().values()) == [1] * 6
+        # r1 goes out over the second session while r0's reply is awaited: one wait for both
+        r = [f"r{i}@example.com" for i in range(6)]
+        assert events[:4] == [("send", r[0]), ("send", r[1]), ("replied", r[1]), ("replied", r[0])]
+        assert events[4:] == [
+            ("send", r[2]),
+            ("send", r[3]),
+            ("replied", r[3]),
+            ("replied", r[2]),
+            ("send", r[4]),
+            ("send", r[5]),
+            ("replied", r[5]),
+            ("replied", r[4]),
+        ]
+        assert server.connections == 2  # every envelope sent ahead was kept
+
+
+def test_a_failure_in_step_keeps_what_the_other_session_sent(
+    sqlite_db, configure_env, monkeypatch
+) -> None:
+    with ScriptedSMTPServer() as server:
+        ids = _campaign_over_sessions(server, configure_env, 2, 4)
+        attempt = delivery._attempt
+
+        def failing(group, *args):
+            if group[0].delivery.recipient == "r1@example.com":  # while r0's reply is awaited
+                raise RuntimeError("a bug")
+            return attempt(group, *args)
+
+        monkeypatch.setattr(delivery, "_attempt", failing)
+        with pytest.raises(RuntimeError, match="a bug"):
+            deliver_chunk(ids)
+        assert states()["r0@example.com"] == "sent"  # recorded, so never sent again
+        assert set(server.copies()) == {"r0@example.com"}
+        assert {states()[f"r{i}@example.com"] for i in (1, 2, 3)} == {"sending"}

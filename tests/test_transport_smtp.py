@@ -23,7 +23,7 @@ from mailer.testing.smtpserver import ScriptedSMTPServer
 from mailer.transport import smtp as smtp_module
 from mailer.transport.base import Outgoing, TransactionResult
 from mailer.transport.relay import RelayConfig, parse_relay_url
-from mailer.transport.smtp import SMTPSession, check, close_all, session_for
+from mailer.transport.smtp import SMTPSession, check, close_all, sessions_for
 
 SENDER = "sender@example.com"
 A, B, C = "alice@example.org", "bob@example.org", "carol@example.org"
@@ -229,6 +229,25 @@ def test_one_recipient_refused_at_rcpt(pipelining: bool) -> None:
 
 
 @pytest.mark.parametrize("pipelining", [True, False])
+def test_a_reply_of_several_lines_is_read_whole_and_in_step(pipelining: bool) -> None:
+    with ScriptedSMTPServer(pipelining=pipelining) as srv:
+        srv.reply(
+            "RCPT",
+            "550-5.7.1 This message looks like spam.\r\n550 5.7.1 See https://example.com/x",
+            recipient=B,
+        )
+        session = SMTPSession(relay(srv))
+        result = session.send(outgoing(A, B, C))
+        assert summary(result) == [(A, 250, Phase.DOT), (B, 550, Phase.RCPT), (C, 250, Phase.DOT)]
+        assert result.results[1].reply.text == (
+            "5.7.1 This message looks like spam.\n5.7.1 See https://example.com/x"
+        )
+        assert summary(session.send(outgoing(B))) == [(B, 550, Phase.RCPT)]
+        assert summary(session.send(outgoing(C))) == [(C, 250, Phase.DOT)]
+        assert srv.connections == 1
+
+
+@pytest.mark.parametrize("pipelining", [True, False])
 def test_every_recipient_refused_then_rset_and_reuse(pipelining: bool) -> None:
     with ScriptedSMTPServer(pipelining=pipelining) as srv:
         srv.reply("RCPT", "550 5.1.1 No such user", times=2)
@@ -330,12 +349,13 @@ def test_fresh_session_refused_with_421_at_mail_is_not_retried(
     assert server.connections == 2
 
 
-def test_close_quits_and_session_for_is_per_thread(server: ScriptedSMTPServer) -> None:
+def test_close_quits_and_sessions_for_is_per_thread(server: ScriptedSMTPServer) -> None:
     config = relay(server)
-    mine = session_for(config)
-    assert session_for(config) is mine
+    mine = sessions_for(config)[0]
+    assert sessions_for(config) == [mine]
+    assert sessions_for(config, 2)[0] is mine
     theirs: list[SMTPSession] = []
-    thread = threading.Thread(target=lambda: theirs.append(session_for(config)))
+    thread = threading.Thread(target=lambda: theirs.append(sessions_for(config)[0]))
     thread.start()
     thread.join()
     assert theirs[0] is not mine
@@ -393,18 +413,10 @@ def test_drop_after_the_dot_is_ambiguous(server: ScriptedSMTPServer) -> None:
 
 
 def test_timeout_at_dot_is_ambiguous(server: ScriptedSMTPServer) -> None:
+    # data_timeout is in force for the reply to "." (command_timeout would be far longer)
     session = SMTPSession(relay(server, data_timeout=0.2))
-    original = smtplib.SMTP.getreply
-
-    def slow_dot(self: smtplib.SMTP) -> tuple[int, bytes]:
-        # the scripted server cannot delay a reply: time out where data_timeout is in force
-        if self.sock is not None and self.sock.gettimeout() == 0.2:
-            raise TimeoutError("timed out")
-        return original(self)
-
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(smtplib.SMTP, "getreply", slow_dot)
-        result = session.send(outgoing(A))
+    server.reply("DOT", "250 2.0.0 Ok: queued", delay=1.0)
+    result = session.send(outgoing(A))
     assert summary(result) == [(A, None, Phase.DOT)]
     assert "timed out" in result.results[0].reply.text
 

@@ -73,6 +73,7 @@ class _Rule:
     response: str | None  # None: drop the connection instead of replying
     recipient: str | None  # lower-case
     remaining: int | None
+    delay: float = 0.0  # seconds before the response
 
     def matches(self, point: str, recipients: Iterable[str]) -> bool:
         if self.point != point:
@@ -113,6 +114,8 @@ async def _close_after(server: SMTP, response: str) -> NoReturn:
 
 
 async def _answer(server: SMTP, rule: _Rule) -> str:
+    if rule.delay:
+        await asyncio.sleep(rule.delay)
     if rule.response is None:
         await _drop(server)
     if rule.response.startswith("421"):
@@ -559,8 +562,10 @@ class ScriptedSMTPServer:
         *,
         recipient: str | None = None,
         times: int | None = None,
+        delay: float = 0.0,
     ) -> None:
-        """Answer `response` instead of the normal reply to `command` ("DOT": the final ".").
+        """Answer `response` instead of the normal reply to `command` ("DOT": the final "."),
+        after `delay` seconds.
 
         A 2xx response still does what the command normally does (a 2xx at DOT stores the
         message); any other code does not. A DATA rule answers the DATA command itself and must
@@ -573,7 +578,9 @@ class ScriptedSMTPServer:
             raise ValueError(f"command must be one of {get_args(Command)}, not {command!r}")
         if command == "DATA" and not response.startswith(("4", "5")):
             raise ValueError("a DATA rule can only refuse; script the reply to '.' with DOT")
-        self._script.add(self._rule(command, response, recipient, times))
+        rule = self._rule(command, response, recipient, times)
+        rule.delay = delay
+        self._script.add(rule)
 
     def drop(self, phase: Phase, *, recipient: str | None = None, times: int | None = 1) -> None:
         """Close the connection abruptly at `phase` instead of replying.

@@ -47,6 +47,7 @@ _MECHANISMS = ("PLAIN", "LOGIN", "CRAM-MD5")
 # RFC 5321 4.2.1: the first digit of every reply, and the one of a positive completion
 _REPLY_DIGITS = (2, 3, 4, 5)
 _POSITIVE_COMPLETION = 2
+_MAXLINE = 8192  # smtplib's own limit on a reply line (smtplib._MAXLINE)
 
 
 class _Failed(Exception):
@@ -629,7 +630,18 @@ _ENVELOPE_REPLIES_KEPT = 256
 
 
 def _read(smtp: smtplib.SMTP, seen: dict[tuple[int, bytes], SMTPReply] | None = None) -> SMTPReply:
-    code, text = smtp.getreply()
+    file = smtp.file
+    if file is not None:
+        # the usual reply, one line already buffered, parsed as smtplib.getreply would
+        buffered = file.peek()
+        end = buffered.find(b"\n", 0, _MAXLINE)
+        if end > 2 and buffered[3:4] != b"-" and buffered[:3].isdigit():
+            line = file.read(end + 1)
+            code, text = int(line[:3]), line[4:].strip(b" \t\r\n")
+        else:
+            code, text = smtp.getreply()
+    else:
+        code, text = smtp.getreply()
     if seen is not None and (reply := seen.get((code, text))) is not None:
         return reply
     if code // 100 not in _REPLY_DIGITS:
@@ -748,14 +760,16 @@ _all_sessions: weakref.WeakSet[SMTPSession] = weakref.WeakSet()
 _registry = threading.Lock()
 
 
-def session_for(config: RelayConfig) -> SMTPSession:
-    """This thread's persistent session to `config`'s relay."""
-    sessions: dict[RelayConfig, SMTPSession] = _local.__dict__.setdefault("sessions", {})
-    if config not in sessions:
-        sessions[config] = SMTPSession(config)
+def sessions_for(config: RelayConfig, count: int = 1) -> list[SMTPSession]:
+    """`count` persistent sessions of this thread to `config`'s relay (the same ones on every
+    call)."""
+    kept: dict[RelayConfig, list[SMTPSession]] = _local.__dict__.setdefault("sessions", {})
+    sessions = kept.setdefault(config, [])
+    while len(sessions) < count:
+        sessions.append(SMTPSession(config))
         with _registry:
-            _all_sessions.add(sessions[config])
-    return sessions[config]
+            _all_sessions.add(sessions[-1])
+    return sessions[:count]
 
 
 def close_all() -> None:
