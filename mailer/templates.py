@@ -13,7 +13,7 @@ from __future__ import annotations
 import functools
 import re
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 import jinja2
 import jinja2.meta
@@ -80,8 +80,7 @@ _plain = _Sandbox(
 _html = _Sandbox(undefined=jinja2.StrictUndefined, autoescape=True, finalize=_printable)
 
 
-@dataclass(frozen=True)
-class Rendered:
+class Rendered(NamedTuple):  # a tuple: made once a message, where a dataclass cost 1 us
     subject: str
     text: str
     html: str | None
@@ -93,6 +92,7 @@ class Compiled:
     subject: jinja2.Template
     text: jinja2.Template
     html: jinja2.Template | None
+    sources: tuple[str, str, str | None]  # subject, text, html
 
     def render_subject(self, context: dict[str, Any]) -> str:
         return _render(self.subject, context, f"template {self.label} (subject)")
@@ -109,13 +109,15 @@ class Compiled:
         )
 
 
-def _render(template: jinja2.Template, context: dict[str, Any], what: str) -> str:
+def _render(
+    template: jinja2.Template, context: dict[str, Any], what: str, limit: int = MAX_OUTPUT
+) -> str:
     parts: list[str] = []
     size = 0
     try:
         for part in template.generate(context):
             size += len(part)
-            if size > MAX_OUTPUT:
+            if size > limit:
                 raise TemplateError(
                     f"{what} failed to render: the output is over {MAX_OUTPUT:,} characters"
                 )
@@ -129,6 +131,10 @@ def _render(template: jinja2.Template, context: dict[str, Any], what: str) -> st
 
 def _compile(env: jinja2.Environment, source: str, what: str) -> jinja2.Template:
     """Compile, refusing syntax errors and private names with the part and line named."""
+    return _template(env, _parse(env, source, what))
+
+
+def _parse(env: jinja2.Environment, source: str, what: str) -> nodes.Template:
     try:
         tree = env.parse(source)
     except jinja2.TemplateSyntaxError as exc:
@@ -140,6 +146,10 @@ def _compile(env: jinja2.Environment, source: str, what: str) -> jinja2.Template
                 f"{what}, line {node.lineno}: {name!r} is not allowed; a template may use the "
                 "context's values and their public attributes, never names starting with '_'"
             )
+    return tree
+
+
+def _template(env: jinja2.Environment, tree: nodes.Template) -> jinja2.Template:
     template = env.from_string(tree)
     # Jinja2 keeps a template's globals as a ChainMap over the environment's, so that later
     # changes to those show through; ours never change, and copying a ChainMap into every
@@ -164,6 +174,7 @@ def compile_parts(label: str, subject: str, text: str, html: str | None) -> Comp
         _compile(_plain, subject, f"template {label} (subject)"),
         _compile(_plain, text, f"template {label} (text)"),
         _compile(_html, html, f"template {label} (html)") if html is not None else None,
+        (subject, text, html),
     )
 
 
@@ -204,6 +215,63 @@ def render_headers(headers: dict[str, str], context: dict[str, Any]) -> dict[str
         compiled_headers = {k: _compile(_plain, v, f"header {k!r}") for k, v in headers.items()}
         _header_cache[key] = compiled_headers
     return {name: _render(t, context, f"header {name!r}") for name, t in compiled_headers.items()}
+
+
+# Between the parts of a message rendered in one pass. No context can hold it (enqueue refuses
+# NUL) and no stored template (add refuses it); an expression that prints one anyway sends the
+# message back to rendering part by part.
+_SEPARATOR = "\0"
+_whole_cache: dict[tuple[Compiled, tuple[tuple[str, str], ...]], jinja2.Template] = {}
+_APART: jinja2.Template = jinja2.Template("")  # the parts cannot be joined: rendered one by one
+
+
+def render_message(
+    compiled: Compiled, headers: dict[str, str], context: dict[str, Any]
+) -> tuple[Rendered, dict[str, str]]:
+    """A message's parts and extra header values, rendered in one pass of one template made
+    of them all: one context instead of one a part (20 -> 10 us for the bench's message).
+    Any failure, or output that cannot be split back into its parts, renders them one by one
+    instead, so that an error names its part."""
+    key = tuple(headers.items())
+    whole = _whole_cache.get((compiled, key))
+    if whole is None:
+        whole = _whole_cache[(compiled, key)] = _whole(compiled, key)
+    if whole is not _APART:
+        count = 2 + (compiled.html is not None) + len(key)
+        try:
+            pieces = _render(whole, context, "", MAX_OUTPUT * count).split(_SEPARATOR)
+        except TemplateError:
+            pieces = []
+        if len(pieces) == count and max(map(len, pieces)) <= MAX_OUTPUT:
+            html, values = (
+                (pieces[2], pieces[3:]) if compiled.html is not None else (None, pieces[2:])
+            )
+            rendered = Rendered(pieces[0], pieces[1], html)
+            return rendered, dict(zip(headers, values, strict=True))
+    return compiled.render(context), render_headers(headers, context)
+
+
+def _whole(compiled: Compiled, headers: tuple[tuple[str, str], ...]) -> jinja2.Template:
+    """One template of the message's parts, each in a scope of its own (a `set` in one is not
+    seen by another) and the HTML autoescaped, as compiled apart; _APART if they cannot be
+    joined (e.g. a block name used twice)."""
+    subject, text, html = compiled.sources
+    try:
+        parts = [_parse(_plain, subject, "").body, _parse(_plain, text, "").body]
+        if html is not None:  # parsed as the HTML environment does (its trailing newline)
+            escape = [nodes.Keyword("autoescape", nodes.Const(True))]
+            autoescaped = nodes.ScopedEvalContextModifier(escape, _parse(_html, html, "").body)
+            parts.append([autoescaped])
+        parts += [_parse(_plain, value, "").body for _, value in headers]
+        body: list[nodes.Node] = []
+        for part in parts:
+            if body:
+                body.append(nodes.Output([nodes.TemplateData(_SEPARATOR)]))
+            body.append(nodes.Scope(part))
+        whole: jinja2.Template = _template(_plain, nodes.Template(body))
+    except (TemplateError, jinja2.TemplateError):
+        return _APART
+    return whole
 
 
 def add(session: Session, name: str, subject: str, text: str, html: str | None = None) -> Template:
