@@ -31,7 +31,8 @@ from mailer.models import DeliveryState, Message, Template
 from mailer.outcomes import Claimed, Verdict
 from mailer.replies import Phase, ReplyClass, SMTPReply, classify
 from mailer.transport.base import Outgoing, Transport
-from mailer.transport.smtp import sessions_for
+from mailer.transport.relay import RelayConfig
+from mailer.transport.smtp import new_session
 
 log = logging.getLogger(__name__)
 S = DeliveryState
@@ -154,32 +155,29 @@ def _send(
         return group, verdicts
 
     if transport is not None:
-        yield from _in_step(groups, lambda: [transport], attempt, over)
+        yield from _in_step(groups, [transport], attempt, over, aside)
         return
-    pool = _lanes(s.smtp_sessions)
-    if len(pool.lanes) == 1:
-        # one lane's worth: sent from this thread, over its own sessions (a prefork worker
-        # process runs one chunk at a time; a threaded one's threads each keep their own)
-        wanted = pool.lanes[0].sessions
-        yield from _in_step(groups, lambda: sessions_for(s.smtp, wanted), attempt, over)
-        return
-    # Several lanes, each a thread of its own (so always the same sessions), sending its
-    # groups over its sessions in step; a chunk has its lanes to itself (chunks at once in a
-    # threaded worker take different ones). At most one step per lane in flight: if recording
-    # stalls (the database is away), little more is sent before this generator's consumer is
-    # back.
-    with pool.lease(-(-len(groups) // IN_STEP)) as lanes:
-        count = len(lanes)
+    # a chunk has its lanes to itself (chunks at once in a threaded worker take different
+    # ones, or wait for one), so a process keeps MAILER_SMTP_SESSIONS sessions, no more
+    with _lanes(s.smtp_sessions).lease(-(-len(groups) // IN_STEP)) as lanes:
+        if len(lanes) == 1:  # sent from this thread
+            yield from _in_step(groups, lanes[0].sessions(s.smtp), attempt, over, aside)
+            return
+        # Several lanes, each sending from a thread of its own. At most one step per lane in
+        # flight: if recording stalls (the database is away), little more is sent before this
+        # generator's consumer is back.
+        slots = [i for i, lane in enumerate(lanes) for _ in range(lane.size)]
         runs = [
             _in_step(
-                groups[i::count],
-                functools.partial(sessions_for, s.smtp, lane.sessions),
+                [g for n, g in enumerate(groups) if slots[n % len(slots)] == i],
+                lane.sessions(s.smtp),
                 attempt,
                 over,
+                aside,
             )
             for i, lane in enumerate(lanes)
         ]
-        ahead = {lanes[i].thread.submit(next, runs[i], None): i for i in range(count)}
+        ahead = {lane.thread.submit(next, runs[i], None): i for i, lane in enumerate(lanes)}
         try:
             while ahead:
                 done, _ = wait(ahead, return_when=FIRST_COMPLETED)
@@ -191,7 +189,7 @@ def _send(
                         ahead[lanes[i].thread.submit(next, runs[i], None)] = i
         finally:
             # ended early (the consumer failed, or a lane did): the lanes go back idle, and
-            # what they were sending is kept to be recorded
+            # what they were sending, or had sent and not yet handed on, is kept to be recorded
             halted.append(True)
             for future in ahead:
                 try:
@@ -201,6 +199,8 @@ def _send(
                     continue
                 if result is not None and result[1] is not None:
                     aside.extend(result[1])
+            for run in runs:
+                run.close()  # idle now: its step's verdicts not handed on go `aside`
 
 
 Attempt = Callable[
@@ -211,13 +211,15 @@ Attempt = Callable[
 
 def _in_step(
     groups: list[list[_Work]],
-    relays: Callable[[], Sequence[Transport]],
+    sessions: Sequence[Transport],
     attempt: Attempt,
     over: Callable[[], bool],
-) -> Iterator[tuple[list[_Work], list[Verdict] | None]]:
-    """The groups over a lane's sessions (`relays()`, asked in the lane's own thread), in
-    step: each step writes one message to each session, and reads their replies only then
-    (the last written first), so that one wait for the relay covers them all.
+    aside: list[Verdict],
+) -> Generator[tuple[list[_Work], list[Verdict] | None]]:
+    """The groups over a lane's sessions, in step: each step writes one message to each
+    session, and reads their replies only then (the last written first), so that one wait for
+    the relay covers them all. Closed early, it puts the verdicts of its step not yet handed
+    on `aside` (those messages went out: they must be recorded).
 
     Each session's next message is composed before its current one is sent, so that its
     envelope can go out behind it (SMTPSession.send's `following`), and the step after next
@@ -232,7 +234,6 @@ def _in_step(
             composed[index] = _composed(groups[index])
         return composed[index]
 
-    sessions = relays()
     width = max(1, min(len(sessions), len(groups)))
     Results = dict[int, tuple[list[_Work], list[Verdict] | None]]
 
@@ -269,33 +270,41 @@ def _in_step(
         results: Results = {}
         failed: list[Exception] = []
         send(first, step, results, failed)
+        pending = [results[index] for index in step if index in results]
         for index in step:
-            if index in results:
-                yield results[index]
             composed.pop(index, None)
+        try:
+            while pending:
+                yield pending.pop(0)
+        finally:
+            aside += [v for _, verdicts in pending for v in verdicts or ()]
         if failed:
             raise failed[0]
 
 
 class _Lane:
-    """One of this process's sending threads (so always the same sessions: transport.smtp
-    keeps them per thread) and how many sessions it drives in step."""
+    """A sending thread and the sessions it drives in step. Both live as long as the process;
+    the chunk that leases the lane has them to itself."""
 
-    def __init__(self, number: int, sessions: int) -> None:
+    def __init__(self, number: int, size: int) -> None:
         self.thread = ThreadPoolExecutor(1, thread_name_prefix=f"smtp-{number}")
-        self.sessions = sessions
+        self.size = size
+        self._sessions: dict[RelayConfig, list[Transport]] = {}
+
+    def sessions(self, relay: RelayConfig) -> list[Transport]:
+        if relay not in self._sessions:
+            self._sessions[relay] = [new_session(relay) for _ in range(self.size)]
+        return self._sessions[relay]
 
 
 class _Lanes:
-    """This process's lanes: MAILER_SMTP_SESSIONS sessions, IN_STEP to a lane. They live as
-    long as the process, and so do their sessions."""
+    """This process's lanes: MAILER_SMTP_SESSIONS sessions, IN_STEP to a lane."""
 
     def __init__(self, sessions: int) -> None:
         count = -(-sessions // IN_STEP)
-        self.lanes = [_Lane(n, sessions // count + (n < sessions % count)) for n in range(count)]
         self.free: queue.SimpleQueue[_Lane] = queue.SimpleQueue()
-        for lane in self.lanes:
-            self.free.put(lane)
+        for n in range(count):
+            self.free.put(_Lane(n, sessions // count + (n < sessions % count)))
 
     @contextmanager
     def lease(self, wanted: int) -> Iterator[list[_Lane]]:

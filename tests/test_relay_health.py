@@ -104,12 +104,15 @@ def test_a_throttling_relay_stops_the_other_sessions_and_spends_nothing(
         assert server.messages == []
 
 
-def test_chunks_at_once_in_one_process_take_lanes_of_their_own(sqlite_db, configure_env) -> None:
+@pytest.mark.parametrize("sessions", [2, 4])
+def test_chunks_at_once_in_one_process_take_lanes_of_their_own(
+    sqlite_db, configure_env, sessions: int
+) -> None:
     # a threaded worker runs chunks side by side: each sends over lanes (two sessions each)
     # no other chunk uses, so no chunk's envelope sent ahead is ever dropped by another's
-    # message
+    # message, and the process keeps the sessions the setting says, whatever its threads
     with ScriptedSMTPServer() as server:
-        ids = _campaign_over_sessions(server, configure_env, 4, 40)
+        ids = _campaign_over_sessions(server, configure_env, sessions, 40)
         chunks = [ids[:20], ids[20:]]
         threads = [threading.Thread(target=deliver_chunk, args=(chunk,)) for chunk in chunks]
         for thread in threads:
@@ -118,7 +121,7 @@ def test_chunks_at_once_in_one_process_take_lanes_of_their_own(sqlite_db, config
             thread.join()
         assert set(states().values()) == {"sent"}
         assert sorted(server.copies().values()) == [1] * 40
-        assert server.connections == 4
+        assert server.connections == sessions
 
 
 def test_the_sessions_setting_bounds_the_connections_whatever_the_chunk(
@@ -209,3 +212,50 @@ def test_a_failure_in_step_keeps_what_the_other_session_sent(
         assert states()["r0@example.com"] == "sent"  # recorded, so never sent again
         assert set(server.copies()) == {"r0@example.com"}
         assert {states()[f"r{i}@example.com"] for i in (1, 2, 3)} == {"sending"}
+
+
+def test_a_lane_failing_keeps_what_another_lanes_second_session_sent(
+    sqlite_db, configure_env, monkeypatch
+) -> None:
+    # two lanes of two sessions: r0 and r2 go out in step on one lane while r1's lane fails;
+    # r2 was sent, though not handed on yet: it is recorded, not left to go out again
+    with ScriptedSMTPServer() as server:
+        ids = _campaign_over_sessions(server, configure_env, 4, 8)
+        attempt = delivery._attempt
+
+        def failing(group, *args):
+            if group[0].delivery.recipient == "r1@example.com":
+                time.sleep(0.2)
+                raise RuntimeError("a bug")
+            verdicts = attempt(group, *args)
+            time.sleep(0.3)
+            return verdicts
+
+        monkeypatch.setattr(delivery, "_attempt", failing)
+        with pytest.raises(RuntimeError, match="a bug"):
+            deliver_chunk(ids)
+        sent = {address for address, state in states().items() if state == "sent"}
+        assert set(server.copies()) == sent
+        assert "r2@example.com" in sent
+
+
+def test_recording_failing_keeps_what_the_step_already_sent(
+    sqlite_db, configure_env, monkeypatch
+) -> None:
+    # r0 and r1 go out in step; recording r0 fails: r1, sent but not handed on, is still kept
+    with ScriptedSMTPServer() as server:
+        ids = _campaign_over_sessions(server, configure_env, 2, 4)
+        add = delivery._Recorder.add
+        calls: list[int] = []
+
+        def failing_add(self, verdicts):
+            add(self, verdicts)
+            calls.append(1)
+            if len(calls) == 1:
+                raise RuntimeError("recording failed")
+
+        monkeypatch.setattr(delivery._Recorder, "add", failing_add)
+        with pytest.raises(RuntimeError, match="recording failed"):
+            deliver_chunk(ids)
+        sent = {address for address, state in states().items() if state == "sent"}
+        assert set(server.copies()) == sent == {"r0@example.com", "r1@example.com"}

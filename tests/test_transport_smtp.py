@@ -8,7 +8,6 @@ import dataclasses
 import logging
 import smtplib
 import ssl
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,7 +22,7 @@ from mailer.testing.smtpserver import ScriptedSMTPServer
 from mailer.transport import smtp as smtp_module
 from mailer.transport.base import Outgoing, TransactionResult
 from mailer.transport.relay import RelayConfig, parse_relay_url
-from mailer.transport.smtp import SMTPSession, check, close_all, sessions_for
+from mailer.transport.smtp import SMTPSession, check, close_all, new_session
 
 SENDER = "sender@example.com"
 A, B, C = "alice@example.org", "bob@example.org", "carol@example.org"
@@ -349,22 +348,17 @@ def test_fresh_session_refused_with_421_at_mail_is_not_retried(
     assert server.connections == 2
 
 
-def test_close_quits_and_sessions_for_is_per_thread(server: ScriptedSMTPServer) -> None:
+def test_close_all_quits_every_kept_session(server: ScriptedSMTPServer) -> None:
     config = relay(server)
-    mine = sessions_for(config)[0]
-    assert sessions_for(config) == [mine]
-    assert sessions_for(config, 2)[0] is mine
-    theirs: list[SMTPSession] = []
-    thread = threading.Thread(target=lambda: theirs.append(sessions_for(config)[0]))
-    thread.start()
-    thread.join()
-    assert theirs[0] is not mine
+    mine, theirs = new_session(config), new_session(config)
+    assert mine is not theirs
     mine.send(outgoing(A))
+    theirs.send(outgoing(B))
     close_all()
-    assert server.quits == 1
-    mine.send(outgoing(B))  # reopens after close_all, and a later close_all still quits it
+    assert server.quits == 2
+    mine.send(outgoing(C))  # reopens after close_all, and a later close_all still quits it
     close_all()
-    assert (server.connections, server.quits) == (2, 2)
+    assert (server.connections, server.quits) == (3, 3)
 
 
 # --- 6. connection lost ------------------------------------------------------------------

@@ -755,21 +755,17 @@ def _local_hostname() -> str:
     return smtplib.SMTP().local_hostname
 
 
-_local = threading.local()
 _all_sessions: weakref.WeakSet[SMTPSession] = weakref.WeakSet()
 _registry = threading.Lock()
 
 
-def sessions_for(config: RelayConfig, count: int = 1) -> list[SMTPSession]:
-    """`count` persistent sessions of this thread to `config`'s relay (the same ones on every
-    call)."""
-    kept: dict[RelayConfig, list[SMTPSession]] = _local.__dict__.setdefault("sessions", {})
-    sessions = kept.setdefault(config, [])
-    while len(sessions) < count:
-        sessions.append(SMTPSession(config))
-        with _registry:
-            _all_sessions.add(sessions[-1])
-    return sessions[:count]
+def new_session(config: RelayConfig) -> SMTPSession:
+    """A persistent session to `config`'s relay, one that close_all() QUITs. It is not
+    thread-safe: its owner (a lane of delivery.py) uses it from one thread at a time."""
+    session = SMTPSession(config)
+    with _registry:
+        _all_sessions.add(session)
+    return session
 
 
 def close_all() -> None:
