@@ -24,6 +24,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import timeit
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -925,8 +926,22 @@ def print_table(rows: list[list[str]], ratios: dict[str, float], runs: int) -> N
 # --- machine --------------------------------------------------------------------------------------
 
 
+def yardstick_ms() -> float:
+    """A fixed pure-Python workload's time in ms (best of 5): the machine under a session
+    changes, and this says by how much, where msgs/s alone cannot."""
+
+    def work() -> int:
+        table: dict[int, str] = {}
+        for i in range(200_000):
+            table[i % 1000] = str(i)
+        return len(table)
+
+    return min(timeit.repeat(work, number=1, repeat=5)) * 1000
+
+
 def machine_info(b: Bench | None) -> dict[str, Any]:
     info: dict[str, Any] = {
+        "yardstick_ms_start": yardstick_ms(),
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
         "nproc": os.cpu_count(),
         "cpus_usable": len(os.sched_getaffinity(0)),
@@ -1216,7 +1231,13 @@ def main(argv: list[str] | None = None) -> int:
             for r in rows
         ]
         report["ratios"] = ratios
+        report["machine"]["yardstick_ms_end"] = yardstick_ms()
         print_table(rows, ratios, args.runs)
+        print(
+            "machine yardstick (a fixed pure-Python loop, lower is faster; compare machines "
+            f"with it): {report['machine']['yardstick_ms_start']:.1f} ms at the start, "
+            f"{report['machine']['yardstick_ms_end']:.1f} ms at the end\n"
+        )
     except BaseException as exc:
         failed = True
         report["error"] = f"{type(exc).__name__}: {exc}"
