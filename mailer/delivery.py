@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable, Generator, Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from contextlib import contextmanager
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -436,7 +436,7 @@ def _attempt(
         # session then drops what it sent ahead, and `following` goes out anew
         whole = batch == outgoing.recipients
         result = relay.send(
-            outgoing if whole else replace(outgoing, recipients=batch),
+            outgoing if whole else outgoing._replace(recipients=batch),
             following if whole else None,
             meanwhile if whole else None,
         )
@@ -471,7 +471,7 @@ def _attempt(
         # yet tried share that failure (relay-wide: no attempt spent)
         failure = next(v for v in verdicts if v.klass.relay_wide)
         verdicts += [
-            replace(failure, delivery_id=w.delivery.id, recipient=w.delivery.recipient)
+            failure._replace(delivery_id=w.delivery.id, recipient=w.delivery.recipient)
             for w in group
             if w.delivery.recipient not in decided
         ]

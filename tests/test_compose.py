@@ -123,3 +123,11 @@ def test_several_recipients_in_one_to_header() -> None:
         "b@example.com",
         "c@example.com",
     ]
+
+
+def test_a_part_holding_the_boundary_gets_another_one() -> None:
+    text = f"Our boundary, quoted: --{compose._BOUNDARY}\n"
+    msg = _parse(_build(Rendered(subject="Hi", text=text, html="<p>hi</p>\n")))
+    assert msg.get_boundary() != compose._BOUNDARY
+    plain = msg.get_body(("plain",))
+    assert plain is not None and plain.get_content().replace("\r\n", "\n") == text

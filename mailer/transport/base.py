@@ -3,15 +3,15 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
 from datetime import datetime
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 from mailer.replies import Phase, SMTPReply
 
+# Made for every message: tuples, immutable as frozen dataclasses are and 1 us cheaper to make.
 
-@dataclass(frozen=True)
-class Outgoing:
+
+class Outgoing(NamedTuple):
     """One transaction: the envelope (never taken from headers) and the message bytes."""
 
     sender: str
@@ -20,15 +20,13 @@ class Outgoing:
     smtputf8: bool = False
 
 
-@dataclass(frozen=True)
-class RecipientResult:
+class RecipientResult(NamedTuple):
     recipient: str
     reply: SMTPReply
     phase: Phase
 
 
-@dataclass(frozen=True)
-class TransactionResult:
+class TransactionResult(NamedTuple):
     results: tuple[RecipientResult, ...]
     relay: str
     tls: bool

@@ -25,7 +25,7 @@ import threading
 import time
 import weakref
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from mailer import clock
 from mailer.errors import RelayError
@@ -59,8 +59,7 @@ class _Failed(Exception):
         self.phase = phase
 
 
-@dataclass(frozen=True)
-class _Envelope:
+class _Envelope(NamedTuple):
     """A transaction ready to go: its envelope commands and its message (CRLF line ends only,
     not yet dot-stuffed)."""
 
