@@ -77,7 +77,7 @@ def claim(session: Session, ids: Sequence[int], now: datetime, lease: datetime) 
     `record`); an empty list when another worker holds or finished them all. Deliveries of a
     paused campaign are not taken."""
     params = {"ids": list(ids), "now": now, "lease": lease}
-    rows = session.connection().execute(_claim(bulk.postgresql(session)), params)
+    rows = session.connection().execute(_claim(bulk.postgresql(session)), params).all()
     return sorted((Claimed(*row) for row in rows), key=lambda c: c.id)
 
 
