@@ -18,6 +18,20 @@ def apart(
     return compiled.render(context), templates.render_headers(headers, context)
 
 
+def one_pass(
+    compiled: templates.Compiled, headers: dict[str, str], context: dict[str, Any]
+) -> tuple[templates.Rendered, dict[str, str]]:
+    """The message as render_message renders it once it has seen the same parts before (the
+    first time, it renders them apart)."""
+    templates.render_message(compiled, headers, context)
+    return templates.render_message(compiled, headers, context)
+
+
+def joined(compiled: templates.Compiled, headers: dict[str, str]) -> bool:
+    whole = templates._whole_cache.get((compiled, tuple(headers.items())))
+    return whole is not None and whole is not templates._APART and whole is not templates._ONCE
+
+
 @pytest.mark.parametrize(
     ("subject", "text", "html", "headers"),
     [
@@ -28,29 +42,81 @@ def apart(
         ("{% set name = 'S' %}{{ name }}", "{{ name }}\n", "{{ name }}", {"X-A": "{{ name }}"}),
         ("{{ items|join(',') }}", "{% for i in items %}{{ i }}{% endfor %}\n", "{{ n * 2 }}", {}),
         ("{{ name|safe }}", "{{ name|e }}", "{{ name|safe }}{{ name }}", {}),
-        # a block name in two parts cannot be one template: rendered apart
-        ("x", "{% block b %}t{% endblock %}", "{% block b %}h{% endblock %}", {}),
-        # a part printing the separator: rendered apart
-        ("x{{ '\\x00' }}y", "t\n", None, {}),
+        ("s", "{% autoescape true %}{{ name }}{% endautoescape %}", "{{ name|forceescape }}", {}),
+        ("s", "t", "{% autoescape false %}{{ name }}{% endautoescape %}{{ name }}", {}),
+        ("{% macro m(x) %}<{{ x }}>{% endmacro %}{{ m(n) }}", "t", "{{ name|urlize }}", {}),
     ],
 )
 def test_one_pass_renders_what_the_parts_render_apart(
     subject: str, text: str, html: str | None, headers: dict[str, str]
 ) -> None:
     compiled = templates.compile_parts("t", subject, text, html)
-    assert templates.render_message(compiled, headers, CONTEXT) == apart(compiled, headers, CONTEXT)
+    assert one_pass(compiled, headers, CONTEXT) == apart(compiled, headers, CONTEXT)
+    assert joined(compiled, headers)
+
+
+@pytest.mark.parametrize(
+    ("subject", "text", "html", "headers"),
+    [
+        # Jinja2 compiles a block apart from the template, with the environment's escaping
+        # and its own names: in one pass the HTML's block would go out unescaped
+        ("s", "t", "{% block b %}{{ name }}{% endblock %}", {}),
+        ("{% set name = 'S' %}{% block s %}{{ name }}{% endblock %}", "t", None, {}),
+        ("x", "{% block b %}t{% endblock %}", "{% block b %}h{% endblock %}", {}),
+        ("s", "t", "{{ name }}", {"X-A": "{% block h %}{{ name }}{% endblock %}"}),
+        # a part printing the separator
+        ("x{{ '\\x00' }}y", "t\n", None, {}),
+    ],
+)
+def test_what_cannot_be_one_pass_is_rendered_apart(
+    subject: str, text: str, html: str | None, headers: dict[str, str]
+) -> None:
+    compiled = templates.compile_parts("t", subject, text, html)
+    assert one_pass(compiled, headers, CONTEXT) == apart(compiled, headers, CONTEXT)
+
+
+def test_a_block_in_the_html_is_escaped() -> None:
+    compiled = templates.compile_parts("s", "t", "t", "{% block b %}{{ name }}{% endblock %}")
+    rendered, _ = one_pass(compiled, {}, {"name": "<b>"})
+    assert rendered.html == "&lt;b&gt;"
 
 
 def test_a_set_in_one_part_does_not_leak_into_the_next() -> None:
     compiled = templates.compile_parts("t", "{% set name = 'S' %}{{ name }}", "{{ name }}", None)
-    rendered, _ = templates.render_message(compiled, {}, {"name": "N"})
+    rendered, _ = one_pass(compiled, {}, {"name": "N"})
     assert (rendered.subject, rendered.text) == ("S", "N")
+    assert joined(compiled, {})
 
 
 def test_html_is_escaped_and_text_is_not_in_one_pass() -> None:
     compiled = templates.compile_parts("t", "{{ name }}", "{{ name }}", "{{ name }}")
-    rendered, _ = templates.render_message(compiled, {}, {"name": "<&>"})
+    rendered, _ = one_pass(compiled, {}, {"name": "<&>"})
     assert rendered == templates.Rendered("<&>", "<&>", "&lt;&amp;&gt;")
+    assert joined(compiled, {})
+
+
+def test_headers_made_for_one_message_are_not_compiled_into_a_whole(monkeypatch) -> None:
+    # a request id in a header makes every message's parts new: joining them would compile
+    # the whole message each time, so they are rendered apart, and the caches stay bounded
+    built: list[int] = []
+    whole = templates._whole
+
+    def counted(*args: Any) -> Any:
+        built.append(1)
+        return whole(*args)
+
+    monkeypatch.setattr(templates, "_whole", counted)
+    compiled = templates.compile_parts("t", "s", "t", "<p>{{ name }}</p>")
+    for i in range(300):
+        headers = {"X-Request-ID": f"r{i}"}
+        assert templates.render_message(compiled, headers, CONTEXT) == apart(
+            compiled, headers, CONTEXT
+        )
+    assert built == []
+    assert len(templates._whole_cache.entries) <= templates._whole_cache.size
+    assert len(templates._header_cache.entries) <= templates._header_cache.size
+    one_pass(compiled, {"X-Request-ID": "r299"}, CONTEXT)
+    assert built == [1]
 
 
 @pytest.mark.parametrize(
@@ -66,5 +132,7 @@ def test_a_failure_in_one_pass_names_its_part(
     html: str, headers: dict[str, str], part: str
 ) -> None:
     compiled = templates.compile_parts("t", "s", "t", html)
-    with pytest.raises(TemplateError, match=part):
-        templates.render_message(compiled, headers, {})
+    for _ in range(2):  # apart, then in one pass
+        with pytest.raises(TemplateError, match=part):
+            templates.render_message(compiled, headers, {})
+    assert joined(compiled, headers)
