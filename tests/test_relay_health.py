@@ -87,7 +87,8 @@ def test_a_chunk_goes_out_over_several_sessions_at_once(sqlite_db, configure_env
         assert report.attempted == 40
         assert set(states().values()) == {"sent"}
         assert sorted(server.copies().values()) == [1] * 40
-        # one lane a session, each sending its share in turn (envelopes announced ahead)
+        # two lanes of two sessions, each sending its share in steps (envelopes announced
+        # ahead, none of them dropped: no reconnect)
         assert server.connections == 4
 
 
