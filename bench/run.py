@@ -901,7 +901,28 @@ def summarize(
     return rows, ratios
 
 
-def print_table(rows: list[list[str]], ratios: dict[str, float], runs: int) -> None:
+def round_ratios(report: dict[str, Any], ratios: dict[str, float]) -> dict[str, list[float]]:
+    """Each ratio within each round (the runs of a round were made minutes apart): how much
+    of a ratio's spread is the machine's."""
+    out: dict[str, list[float]] = {}
+    for name in ratios:
+        num, den = name.split(" / ")
+        a = report["cases"][num]["runs"]
+        b = report["cases"][den]["runs"]
+        out[name] = [
+            x["msgs_per_s"] / y["msgs_per_s"]
+            for x, y in zip(a, b, strict=False)
+            if x.get("msgs_per_s") and y.get("msgs_per_s")
+        ]
+    return out
+
+
+def print_table(
+    rows: list[list[str]],
+    ratios: dict[str, float],
+    runs: int,
+    by_round: dict[str, list[float]],
+) -> None:
     head = ["what", "msgs/s", "CPU ms/msg", f"notes (median of {runs} run(s))"]
     widths = [max(len(r[i]) for r in [head, *rows]) for i in range(3)]
     print()
@@ -917,9 +938,11 @@ def print_table(rows: list[list[str]], ratios: dict[str, float], runs: int) -> N
         "noisy."
     )
     if ratios:
-        print("\nratios (msgs/s)")
+        print("\nratios (msgs/s): of the medians; and within each round, lowest to highest")
         for k, v in ratios.items():
-            print(f"  {k:<34} {v:6.2f}")
+            spread = sorted(by_round.get(k, []))
+            rounds = f"   rounds {spread[0]:.2f}-{spread[-1]:.2f}" if len(spread) > 1 else ""
+            print(f"  {k:<34} {v:6.2f}{rounds}")
     print()
 
 
@@ -1231,8 +1254,9 @@ def main(argv: list[str] | None = None) -> int:
             for r in rows
         ]
         report["ratios"] = ratios
+        report["ratios_by_round"] = by_round = round_ratios(report, ratios)
         report["machine"]["yardstick_ms_end"] = yardstick_ms()
-        print_table(rows, ratios, args.runs)
+        print_table(rows, ratios, args.runs, by_round)
         print(
             "machine yardstick (a fixed pure-Python loop, lower is faster; compare machines "
             f"with it): {report['machine']['yardstick_ms_start']:.1f} ms at the start, "
