@@ -1,9 +1,10 @@
 """The use case, framework-free: claim a chunk -> render -> send -> classify -> record.
 
 Deliveries of one message that share its context go out in one SMTP transaction; a campaign's
-deliveries, each with its own context, go out one by one over the same session. Outcomes are
-recorded in batches; a relay-wide failure (throttling, unreachable, misconfigured) stops the
-chunk and hands the untried deliveries back without spending their attempts.
+deliveries, each with its own context, go out one by one over the process's sessions, two at a
+time in step. Outcomes are recorded in batches; a relay-wide failure (throttling, unreachable,
+misconfigured) stops the chunk and hands the untried deliveries back without spending their
+attempts.
 """
 
 from __future__ import annotations
@@ -87,8 +88,8 @@ def deliver_chunk(
     ids: Sequence[int], *, transport: Transport | None = None, settings: Settings | None = None
 ) -> ChunkReport:
     """Claim, send and record a chunk. Its transactions go out over MAILER_SMTP_SESSIONS
-    sessions at once (each a thread of this process with its own persistent session), unless
-    a `transport` is given."""
+    persistent sessions at once (lanes of two driven in step, see _send), unless a
+    `transport` is given."""
     s = settings or current_settings()
     name = transport.name if transport is not None else s.smtp.name
     now = clock.now()
