@@ -501,7 +501,8 @@ def _compose(group: list[_Work]) -> Outgoing:
     context: dict[str, Any] = {"email": first.delivery.recipient, **message.context}
     if first.delivery.context is not None:
         context.update(first.delivery.context)
-    rendered, headers = templates.render_message(message.template(), message.headers, context)
+    rendered = message.template().render(context)
+    headers = templates.render_headers(message.headers, context)
     recipients = tuple(w.delivery.recipient for w in group)
     own = first.delivery.id if first.delivery.context is not None else None
     smtputf8 = not all(a.isascii() for a in (message.from_addr, *recipients))

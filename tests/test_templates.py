@@ -15,21 +15,18 @@ CONTEXT: dict[str, Any] = {"name": '<b>Tom & "Jerry"</b>', "items": ["a", "b"], 
 def apart(
     compiled: templates.Compiled, headers: dict[str, str], context: dict[str, Any]
 ) -> tuple[templates.Rendered, dict[str, str]]:
-    return compiled.render(context), templates.render_headers(headers, context)
+    return compiled.render_parts(context), templates.render_headers(headers, context)
 
 
 def one_pass(
     compiled: templates.Compiled, headers: dict[str, str], context: dict[str, Any]
 ) -> tuple[templates.Rendered, dict[str, str]]:
-    """The message as render_message renders it once it has seen the same parts before (the
-    first time, it renders them apart)."""
-    templates.render_message(compiled, headers, context)
-    return templates.render_message(compiled, headers, context)
+    """The message as the worker renders it (delivery._compose)."""
+    return compiled.render(context), templates.render_headers(headers, context)
 
 
-def joined(compiled: templates.Compiled, headers: dict[str, str]) -> bool:
-    whole = templates._whole_cache.get((compiled, tuple(headers.items())))
-    return whole is not None and whole is not templates._APART and whole is not templates._ONCE
+def joined(compiled: templates.Compiled) -> bool:
+    return compiled.whole is not None
 
 
 @pytest.mark.parametrize(
@@ -52,7 +49,7 @@ def test_one_pass_renders_what_the_parts_render_apart(
 ) -> None:
     compiled = templates.compile_parts("t", subject, text, html)
     assert one_pass(compiled, headers, CONTEXT) == apart(compiled, headers, CONTEXT)
-    assert joined(compiled, headers)
+    assert joined(compiled)
 
 
 @pytest.mark.parametrize(
@@ -85,38 +82,34 @@ def test_a_set_in_one_part_does_not_leak_into_the_next() -> None:
     compiled = templates.compile_parts("t", "{% set name = 'S' %}{{ name }}", "{{ name }}", None)
     rendered, _ = one_pass(compiled, {}, {"name": "N"})
     assert (rendered.subject, rendered.text) == ("S", "N")
-    assert joined(compiled, {})
+    assert joined(compiled)
 
 
 def test_html_is_escaped_and_text_is_not_in_one_pass() -> None:
     compiled = templates.compile_parts("t", "{{ name }}", "{{ name }}", "{{ name }}")
     rendered, _ = one_pass(compiled, {}, {"name": "<&>"})
     assert rendered == templates.Rendered("<&>", "<&>", "&lt;&amp;&gt;")
-    assert joined(compiled, {})
+    assert joined(compiled)
 
 
 def test_headers_made_for_one_message_are_not_compiled_into_a_whole(monkeypatch) -> None:
-    # a request id in a header makes every message's parts new: joining them would compile
-    # the whole message each time, so they are rendered apart, and the caches stay bounded
+    # a request id in a header makes every message's headers new: only they are compiled for
+    # it, never the whole message again, and the cache of header templates stays bounded
+    compiled = templates.compile_parts("t", "s", "t", "<p>{{ name }}</p>")
     built: list[int] = []
-    whole = templates._whole
+    template = templates._template
 
     def counted(*args: Any) -> Any:
         built.append(1)
-        return whole(*args)
+        return template(*args)
 
-    monkeypatch.setattr(templates, "_whole", counted)
-    compiled = templates.compile_parts("t", "s", "t", "<p>{{ name }}</p>")
-    for i in range(300):
+    monkeypatch.setattr(templates, "_template", counted)
+    for i in range(1100):
         headers = {"X-Request-ID": f"r{i}"}
-        assert templates.render_message(compiled, headers, CONTEXT) == apart(
-            compiled, headers, CONTEXT
-        )
-    assert built == []
-    assert len(templates._whole_cache.entries) <= templates._whole_cache.size
-    assert len(templates._header_cache.entries) <= templates._header_cache.size
-    one_pass(compiled, {"X-Request-ID": "r299"}, CONTEXT)
-    assert built == [1]
+        assert one_pass(compiled, headers, CONTEXT) == apart(compiled, headers, CONTEXT)
+    assert len(built) == 1100  # one header template a message, nothing more
+    cache = templates._header_templates.cache_info()
+    assert cache.maxsize is not None and cache.currsize <= cache.maxsize
 
 
 @pytest.mark.parametrize(
@@ -132,7 +125,6 @@ def test_a_failure_in_one_pass_names_its_part(
     html: str, headers: dict[str, str], part: str
 ) -> None:
     compiled = templates.compile_parts("t", "s", "t", html)
-    for _ in range(2):  # apart, then in one pass
-        with pytest.raises(TemplateError, match=part):
-            templates.render_message(compiled, headers, {})
-    assert joined(compiled, headers)
+    with pytest.raises(TemplateError, match=part):
+        one_pass(compiled, headers, {})
+    assert joined(compiled)
