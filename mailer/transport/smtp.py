@@ -1,14 +1,15 @@
 """Persistent smtplib sessions: verified TLS, AUTH, then transactions that know their phase.
 
-One session per relay per worker thread, opened lazily and reused across tasks. A transaction
-is pipelined (RFC 2920) when the server offers PIPELINING, and so is the gap between two: given
-the transaction that follows, `send` writes its envelope (MAIL, RCPT..., DATA) right behind
-this one's final "." (the content is allowed to open a group, RFC 2920 3.1), so that a message
-costs one round trip instead of two. The session never decides what a
-reply means: it reports each recipient's reply and the phase it came in (replies.classify
-judges). It retries a transaction only where nothing can have been accepted yet: once on a
-fresh connection when a reused one turns out stale at MAIL, and once in lockstep when a
-pipelined envelope goes unanswered.
+A session is opened lazily and reused across tasks (its owner, a lane of delivery.py, uses it
+from one thread at a time; close_all() QUITs them all). A transaction is pipelined (RFC 2920)
+when the server offers PIPELINING, and so is the gap between two: given the transaction that
+follows, `send` writes its envelope (MAIL, RCPT..., DATA) right behind this one's final "."
+(the content is allowed to open a group, RFC 2920 3.1), so that a message costs one round trip
+instead of two. The session never decides what a reply means: it reports each recipient's
+reply and the phase it came in (replies.classify judges). It retries a transaction only where
+nothing can have been accepted yet: once on a fresh connection when a reused one turns out
+stale at MAIL, once in lockstep when a pipelined envelope goes unanswered, and once when an
+envelope sent behind a message does.
 """
 
 from __future__ import annotations
@@ -629,18 +630,7 @@ _ENVELOPE_REPLIES_KEPT = 256
 
 
 def _read(smtp: smtplib.SMTP, seen: dict[tuple[int, bytes], SMTPReply] | None = None) -> SMTPReply:
-    file = smtp.file
-    if file is not None:
-        # the usual reply, one line already buffered, parsed as smtplib.getreply would
-        buffered = file.peek()
-        end = buffered.find(b"\n", 0, _MAXLINE)
-        if end > 2 and buffered[3:4] != b"-" and buffered[:3].isdigit():
-            line = file.read(end + 1)
-            code, text = int(line[:3]), line[4:].strip(b" \t\r\n")
-        else:
-            code, text = smtp.getreply()
-    else:
-        code, text = smtp.getreply()
+    code, text = _getreply(smtp)
     if seen is not None and (reply := seen.get((code, text))) is not None:
         return reply
     if code // 100 not in _REPLY_DIGITS:
@@ -650,6 +640,18 @@ def _read(smtp: smtplib.SMTP, seen: dict[tuple[int, bytes], SMTPReply] | None = 
     if seen is not None and len(seen) < _ENVELOPE_REPLIES_KEPT:
         seen[(code, text)] = reply  # frozen: safe to share between sessions and threads
     return reply
+
+
+def _getreply(smtp: smtplib.SMTP) -> tuple[int, bytes]:
+    """smtplib's getreply, with the usual reply (one line, already buffered) parsed straight
+    from smtplib's own buffer, as getreply would: 99 -> 87-89 us of user CPU a message."""
+    if smtp.file is not None:
+        buffered = smtp.file.peek()
+        end = buffered.find(b"\n", 0, _MAXLINE)
+        if end > 2 and buffered[3:4] != b"-" and buffered[:3].isdigit():
+            line = smtp.file.read(end + 1)
+            return int(line[:3]), line[4:].strip(b" \t\r\n")
+    return smtp.getreply()
 
 
 def _envelope(out: Outgoing, options: list[str]) -> list[str]:
