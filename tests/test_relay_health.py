@@ -136,29 +136,50 @@ def test_the_sessions_setting_bounds_the_connections_whatever_the_chunk(
         assert server.connections == 4
 
 
-def test_what_other_sessions_sent_is_recorded_when_one_fails(
-    sqlite_db, configure_env, monkeypatch
+def _attempts_failing_at(
+    monkeypatch: Any, recipient: str, *, bug_after=0.0, others_take=0.0
 ) -> None:
-    # a lane failing (a bug) ends the chunk; the messages the other lanes were sending at that
-    # moment went out, and get their outcomes recorded rather than being sent again later
+    """delivery._attempt raises for `recipient`'s group (a bug) after `bug_after` seconds;
+    every other attempt sends, then takes `others_take` seconds more."""
+    attempt = delivery._attempt
+
+    def failing(group, *args):
+        if group[0].delivery.recipient == recipient:
+            time.sleep(bug_after)
+            raise RuntimeError("a bug")
+        verdicts = attempt(group, *args)
+        time.sleep(others_take)
+        return verdicts
+
+    monkeypatch.setattr(delivery, "_attempt", failing)
+
+
+@pytest.mark.parametrize(
+    ("sessions", "count", "bug_at", "kept"),
+    [
+        # lanes of two and one session: the other lanes were sending when r4's failed
+        (3, 9, "r4@example.com", None),
+        # two lanes of two: r0 and r2 go out in step on one lane while r1's lane fails; r2 was
+        # sent, though not handed on yet
+        (4, 8, "r1@example.com", "r2@example.com"),
+    ],
+)
+def test_what_other_sessions_sent_is_recorded_when_one_fails(
+    sqlite_db, configure_env, monkeypatch, sessions: int, count: int, bug_at: str, kept: str | None
+) -> None:
+    # a lane failing (a bug) ends the chunk; the messages the other lanes were sending, or had
+    # sent and not yet handed on, went out, and get their outcomes recorded rather than being
+    # sent again later
     with ScriptedSMTPServer() as server:
-        ids = _campaign_over_sessions(server, configure_env, 3, 9)
-        attempt = delivery._attempt
-
-        def failing(group, *args):
-            if group[0].delivery.recipient == "r4@example.com":
-                time.sleep(0.2)  # the other lanes are sending meanwhile
-                raise RuntimeError("a bug")
-            verdicts = attempt(group, *args)
-            time.sleep(0.3)  # still sending when r4's lane fails
-            return verdicts
-
-        monkeypatch.setattr(delivery, "_attempt", failing)
+        ids = _campaign_over_sessions(server, configure_env, sessions, count)
+        _attempts_failing_at(monkeypatch, bug_at, bug_after=0.2, others_take=0.3)
         with pytest.raises(RuntimeError, match="a bug"):
             deliver_chunk(ids)
         sent = {address for address, state in states().items() if state == "sent"}
         assert set(server.copies()) == sent
-        assert "r4@example.com" not in sent
+        assert bug_at not in sent
+        if kept is not None:
+            assert kept in sent
 
 
 def test_a_lane_writes_to_each_of_its_sessions_before_reading_their_replies(
@@ -200,44 +221,12 @@ def test_a_failure_in_step_keeps_what_the_other_session_sent(
 ) -> None:
     with ScriptedSMTPServer() as server:
         ids = _campaign_over_sessions(server, configure_env, 2, 4)
-        attempt = delivery._attempt
-
-        def failing(group, *args):
-            if group[0].delivery.recipient == "r1@example.com":  # while r0's reply is awaited
-                raise RuntimeError("a bug")
-            return attempt(group, *args)
-
-        monkeypatch.setattr(delivery, "_attempt", failing)
+        _attempts_failing_at(monkeypatch, "r1@example.com")  # while r0's reply is awaited
         with pytest.raises(RuntimeError, match="a bug"):
             deliver_chunk(ids)
         assert states()["r0@example.com"] == "sent"  # recorded, so never sent again
         assert set(server.copies()) == {"r0@example.com"}
         assert {states()[f"r{i}@example.com"] for i in (1, 2, 3)} == {"sending"}
-
-
-def test_a_lane_failing_keeps_what_another_lanes_second_session_sent(
-    sqlite_db, configure_env, monkeypatch
-) -> None:
-    # two lanes of two sessions: r0 and r2 go out in step on one lane while r1's lane fails;
-    # r2 was sent, though not handed on yet: it is recorded, not left to go out again
-    with ScriptedSMTPServer() as server:
-        ids = _campaign_over_sessions(server, configure_env, 4, 8)
-        attempt = delivery._attempt
-
-        def failing(group, *args):
-            if group[0].delivery.recipient == "r1@example.com":
-                time.sleep(0.2)
-                raise RuntimeError("a bug")
-            verdicts = attempt(group, *args)
-            time.sleep(0.3)
-            return verdicts
-
-        monkeypatch.setattr(delivery, "_attempt", failing)
-        with pytest.raises(RuntimeError, match="a bug"):
-            deliver_chunk(ids)
-        sent = {address for address, state in states().items() if state == "sent"}
-        assert set(server.copies()) == sent
-        assert "r2@example.com" in sent
 
 
 def test_recording_failing_keeps_what_the_step_already_sent(
