@@ -402,21 +402,29 @@ class Outbox:
         self.engine.dispose()
 
 
+def pg_execute(url: str, *statements: str, autocommit: bool = False) -> None:
+    """Run statements on PostgreSQL over a connection of their own (in one transaction, or
+    each on its own with `autocommit`, as CHECKPOINT needs)."""
+    from sqlalchemy import create_engine, text
+    from sqlalchemy.pool import NullPool
+
+    level = "AUTOCOMMIT" if autocommit else "READ COMMITTED"
+    eng = create_engine(url, poolclass=NullPool, isolation_level=level)
+    try:
+        with eng.begin() as conn:
+            for sql in statements:
+                conn.execute(text(sql))
+    finally:
+        eng.dispose()
+
+
 def fresh_database(b: Bench, kind: str, d: Path) -> str:
     if kind == "sqlite":
         return f"sqlite:///{d / 'mailer.db'}"
     if b.pg_url is None:
         raise BenchError(f"PostgreSQL unavailable: {b.pg_note}")
-    from sqlalchemy import create_engine, text
-    from sqlalchemy.pool import NullPool
-
-    eng = create_engine(b.pg_url, poolclass=NullPool)
-    try:
-        with eng.begin() as conn:
-            conn.execute(text(f"DROP SCHEMA IF EXISTS {b.args.pg_schema} CASCADE"))
-            conn.execute(text(f"CREATE SCHEMA {b.args.pg_schema}"))
-    finally:
-        eng.dispose()
+    schema = b.args.pg_schema
+    pg_execute(b.pg_url, f"DROP SCHEMA IF EXISTS {schema} CASCADE", f"CREATE SCHEMA {schema}")
     sep = "&" if "?" in b.pg_url else "?"
     return f"{b.pg_url}{sep}options=-csearch_path%3D{b.args.pg_schema}"
 
@@ -1110,17 +1118,10 @@ def settle(b: Bench) -> None:
     os.sync()
     if b.pg_url is None:
         return
-    from sqlalchemy import create_engine, text
-    from sqlalchemy.pool import NullPool
-
-    eng = create_engine(b.pg_url, poolclass=NullPool, isolation_level="AUTOCOMMIT")
     try:
-        with eng.connect() as conn:
-            conn.execute(text("CHECKPOINT"))
+        pg_execute(b.pg_url, "CHECKPOINT", autocommit=True)
     except Exception as exc:  # e.g. a role not allowed to: the run goes on unsettled
         print(f"  (CHECKPOINT failed: {exc.__class__.__name__}; runs may pay for earlier writes)")
-    finally:
-        eng.dispose()
 
 
 class CaseRunner:
@@ -1295,13 +1296,7 @@ def main(argv: list[str] | None = None) -> int:
         PROCS.stop_all()
         if b is not None and b.pg_url is not None:
             with contextlib.suppress(Exception):
-                from sqlalchemy import create_engine, text
-                from sqlalchemy.pool import NullPool
-
-                eng = create_engine(b.pg_url, poolclass=NullPool)
-                with eng.begin() as conn:
-                    conn.execute(text(f"DROP SCHEMA IF EXISTS {args.pg_schema} CASCADE"))
-                eng.dispose()
+                pg_execute(b.pg_url, f"DROP SCHEMA IF EXISTS {args.pg_schema} CASCADE")
         report.setdefault("machine", {})["loadavg_end"] = os.getloadavg()
         report["machine"]["bench_seconds"] = now() - t_start
         out = Path(args.json)
