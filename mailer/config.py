@@ -72,7 +72,11 @@ VARIABLES: list[tuple[str, str, str]] = [
         "SMTP sessions each worker process keeps and sends over at once, two to a thread in "
         "step (auto: 2 for a relay on this host, 4 for any other)",
     ),
-    ("MAILER_CHUNK_SIZE", "100", "deliveries per Celery task"),
+    (
+        "MAILER_CHUNK_SIZE",
+        "500",
+        "deliveries per Celery task; a chunk still sending at half its lease hands the rest back",
+    ),
     ("MAILER_LEASE_SECONDS", "300", "a claimed delivery not recorded by then is handed out again"),
     ("MAILER_DISPATCH_INTERVAL", "5", "seconds between dispatcher passes"),
     (

@@ -4,7 +4,8 @@ Deliveries of one message that share its context go out in one SMTP transaction;
 deliveries, each with its own context, go out one by one over the process's sessions, two at a
 time in step. Outcomes are recorded in batches; a relay-wide failure (throttling, unreachable,
 misconfigured) stops the chunk and hands the untried deliveries back without spending their
-attempts.
+attempts, and so does a chunk still sending at half its lease (a slow relay): what it has not
+begun by then goes back to the queue, so that no chunk outlives its lease.
 """
 
 from __future__ import annotations
@@ -94,6 +95,9 @@ def deliver_chunk(
     name = transport.name if transport is not None else s.smtp.name
     now = clock.now()
     lease = now + timedelta(seconds=s.lease_seconds)
+    # no transaction begins after half the lease: the rest is left for the time it takes to
+    # end the transactions under way and record them, before the chunk may be handed out again
+    until = time.monotonic() + s.lease_seconds / 2
     work, closed = db.retrying(
         lambda db_: _claim(db_, ids, lease, name, now),
         what="claiming deliveries",
@@ -104,10 +108,10 @@ def deliver_chunk(
     stopped: list[ReplyClass] = []
     untried: list[_Work] = []
     aside: list[Verdict] = []
-    sending = _send(list(_transactions(work)), transport, s, stopped, aside)
+    sending = _send(list(_transactions(work)), transport, s, stopped, aside, until)
     try:
         for group, verdicts in sending:
-            if verdicts is None:  # the relay failed meanwhile: not tried
+            if verdicts is None:  # the relay failed meanwhile, or time ran out: not tried
                 untried += group
                 continue
             report.attempted += len(group)
@@ -120,9 +124,7 @@ def deliver_chunk(
         recorder.flush()
     if untried:
         report.released = len(untried)
-        # a paused relay (configuration) outranks a resting one
-        worst = ReplyClass.CONFIGURATION if ReplyClass.CONFIGURATION in stopped else stopped[0]
-        _hand_back(untried, worst, lease, s)
+        _hand_back(untried, stopped, lease, s)
     return report
 
 
@@ -132,14 +134,16 @@ def _send(
     s: Settings,
     stopped: list[ReplyClass],
     aside: list[Verdict],
+    until: float,
 ) -> Generator[tuple[list[_Work], list[Verdict] | None]]:
-    """Each group's verdicts, as they come; after a relay-wide failure, the groups not yet
-    begun come back untried (None). Closed early, it starts nothing more and waits for the
-    sessions still sending, whose verdicts it puts `aside`."""
+    """Each group's verdicts, as they come; after a relay-wide failure, or from `until` (on
+    the monotonic clock) on, the groups not yet begun come back untried (None). Closed early,
+    it starts nothing more and waits for the sessions still sending, whose verdicts it puts
+    `aside`."""
     halted: list[bool] = []
 
-    def over() -> bool:  # a relay-wide failure, or the consumer gone: start nothing more
-        return bool(stopped or halted)
+    def over() -> bool:  # a relay-wide failure, the consumer gone, or out of time
+        return bool(stopped or halted) or time.monotonic() >= until
 
     def attempt(
         relay: Transport,
@@ -518,11 +522,20 @@ def _compose(group: list[_Work]) -> Outgoing:
     return Outgoing(message.from_addr, recipients, data, smtputf8)
 
 
-def _hand_back(rest: list[_Work], stop: ReplyClass, lease: datetime, s: Settings) -> None:
-    if not rest:
-        return
+def _hand_back(rest: list[_Work], stopped: list[ReplyClass], lease: datetime, s: Settings) -> None:
+    """Deliveries not tried go back with their attempts: paused (configuration, which
+    outranks a resting relay) or time run out: queued, due now, and the dispatcher's next pass
+    publishes them; resting: deferred until the relay's rest is over."""
     now = clock.now()
-    if stop is ReplyClass.CONFIGURATION:
+    if not stopped:
+        log.warning(
+            "%d deliveries of a chunk not begun by half their lease (MAILER_LEASE_SECONDS=%g) "
+            "go back to the queue: the relay is slow for a chunk of this size (lower "
+            "MAILER_CHUNK_SIZE, or raise MAILER_SMTP_SESSIONS)",
+            len(rest),
+            s.lease_seconds,
+        )
+    if not stopped or ReplyClass.CONFIGURATION in stopped:
         state, when = S.QUEUED, now
     else:
         state, when = S.DEFERRED, now + timedelta(seconds=s.relay_backoff)

@@ -105,6 +105,31 @@ def test_a_throttling_relay_stops_the_other_sessions_and_spends_nothing(
         assert server.messages == []
 
 
+def test_a_chunk_too_slow_for_its_lease_hands_the_rest_back_untried(
+    sqlite_db, configure_env, caplog
+) -> None:
+    """No transaction begins after half the lease: a slow relay cannot keep a chunk's
+    deliveries past their lease, when another worker could take them over and send them
+    again. What was not begun goes back queued, its attempts unspent, and the dispatcher's next
+    pass publishes it."""
+    with ScriptedSMTPServer() as server:
+        server.reply("DOT", "250 2.0.0 Ok: queued", delay=0.1)
+        ids = _campaign_over_sessions(server, configure_env, 1, 20)
+        configure_env(lease_seconds=0.8)  # half of it: time for about four messages
+        report = deliver_chunk(ids)
+        assert 0 < report.attempted < 20
+        assert report.attempted + report.released == 20
+        sent = {d.recipient for d in deliveries(state="sent")}
+        assert len(sent) == report.attempted and all(
+            d.attempts == 1 for d in deliveries(state="sent")
+        )
+        rest = deliveries(state="queued")
+        assert len(rest) == report.released and all(d.attempts == 0 for d in rest)
+        assert sorted(server.copies()) == sorted(sent) and set(server.copies().values()) == {1}
+        assert "not begun by half their lease" in caplog.text
+        assert dispatcher.run_once(backlog=0).published == report.released
+
+
 @pytest.mark.parametrize("sessions", [2, 4])
 def test_chunks_at_once_in_one_process_take_lanes_of_their_own(
     sqlite_db, configure_env, sessions: int
