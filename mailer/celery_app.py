@@ -32,7 +32,13 @@ def configure(s: Settings | None = None) -> Celery:
         # a chunk's sending plus the time it may wait for the database to record outcomes
         # (delivery.py: up to two leases); a lost or killed chunk is taken over after its lease
         task_time_limit=max(int(s.lease_seconds * 3), 60),
-        broker_transport_options={"visibility_timeout": max(3600, int(s.lease_seconds * 6))},
+        broker_transport_options={
+            "visibility_timeout": max(3600, int(s.lease_seconds * 6)),
+            # the queues in the order given (transactional first), not in turn: taken in turn,
+            # every other free process went to a campaign chunk however many transactional
+            # messages waited (p50 550 ms during a campaign at 500-delivery chunks; 51 ms so)
+            "queue_order_strategy": "priority",
+        },
         broker_connection_retry_on_startup=True,
         # when the broker connection drops, let a running chunk finish and record what it sent
         # (cancelling it would leave sent mail unrecorded, to be sent again after the lease);
