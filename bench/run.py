@@ -731,7 +731,9 @@ def case_enqueue_csv(b: Bench, n: int) -> dict[str, Any]:
     if proc.returncode != 0 or f"{n} queued" not in log:
         raise BenchError(f"mailer campaign send exited with {proc.returncode}: {log}")
     published = int(b.redis.client.llen("bulk"))
-    chunk = int(env.get("MAILER_CHUNK_SIZE", "100"))
+    from mailer import config  # the chunk size the producer used: its setting, or the default
+
+    chunk = config.load(env).chunk_size
     if published != -(-n // chunk):
         raise BenchError(f"{published} wake-ups in the broker for {n} rows")
     return {
