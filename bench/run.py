@@ -37,6 +37,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import infra
 from infra import BENCH, PROCS, PYTHON, ROOT, BenchError
 
+from mailer import config
+
 PENDING = ("queued", "sending", "deferred")
 
 CASES: dict[str, str] = {
@@ -731,9 +733,7 @@ def case_enqueue_csv(b: Bench, n: int) -> dict[str, Any]:
     if proc.returncode != 0 or f"{n} queued" not in log:
         raise BenchError(f"mailer campaign send exited with {proc.returncode}: {log}")
     published = int(b.redis.client.llen("bulk"))
-    from mailer import config  # the chunk size the producer used: its setting, or the default
-
-    chunk = config.load(env).chunk_size
+    chunk = config.load(env).chunk_size  # the producer's: its setting, or mailer's default
     if published != -(-n // chunk):
         raise BenchError(f"{published} wake-ups in the broker for {n} rows")
     return {

@@ -10,17 +10,22 @@ instead of reconnecting (seen in the fault suite's Redis restart, about one run 
 Here such a channel reports what happened, a lost connection, which Celery handles by
 reconnecting. Its messages stay in Redis's unacknowledged set, restored after the visibility
 timeout, and the dispatcher republishes whatever is due from the database in any case.
+
+`install()` has kombu resolve the redis:// and rediss:// schemes to this transport. Naming it
+as Celery's `broker_transport` instead would hide the scheme from kombu, which turns TLS on for
+rediss:// by its name.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+import kombu.transport
 from kombu.transport import redis as kombu_redis
 from redis.exceptions import ConnectionError as RedisConnectionError
 
-# the name Celery's `broker_transport` takes
 TRANSPORT = f"{__name__}:Transport"
+SCHEMES = ("redis", "rediss")
 
 
 class Channel(kombu_redis.Channel):
@@ -32,3 +37,8 @@ class Channel(kombu_redis.Channel):
 
 class Transport(kombu_redis.Transport):
     Channel = Channel
+
+
+def install() -> None:
+    """Make this the transport of redis:// and rediss:// URLs in this process."""
+    kombu.transport.TRANSPORT_ALIASES.update(dict.fromkeys(SCHEMES, TRANSPORT))

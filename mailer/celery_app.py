@@ -14,10 +14,9 @@ app = Celery("mailer", include=["mailer.tasks"])
 
 def configure(s: Settings | None = None) -> Celery:
     s = s or settings()
+    broker.install()  # kombu's Redis transport with a fault mended
     app.conf.update(
         broker_url=s.broker_url,
-        # kombu's Redis transport with a fault mended (broker.py); memory:// is left to kombu
-        broker_transport=broker.TRANSPORT if s.broker_url.startswith("redis") else None,
         # JSON only: a pickle payload from anyone who can write to Redis would run code here
         task_serializer="json",
         accept_content=["json"],

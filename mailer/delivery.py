@@ -4,8 +4,8 @@ Deliveries of one message that share its context go out in one SMTP transaction;
 deliveries, each with its own context, go out one by one over the process's sessions, two at a
 time in step. Outcomes are recorded in batches; a relay-wide failure (throttling, unreachable,
 misconfigured) stops the chunk and hands the untried deliveries back without spending their
-attempts, and so does a chunk still sending at half its lease (a slow relay): what it has not
-begun by then goes back to the queue, so that no chunk outlives its lease.
+attempts, and so does a chunk still sending at half its lease (a slow relay): it begins
+nothing more, and what it has not begun goes back to the queue.
 """
 
 from __future__ import annotations
@@ -40,8 +40,9 @@ log = logging.getLogger(__name__)
 S = DeliveryState
 # recipients in one transaction: RFC 5321 4.5.3.1.8 obliges servers to take 100
 MAX_RECIPIENTS = 100
-# outcomes are written every FLUSH_EVERY (a default chunk: one transaction a chunk; every 50,
-# the worker ran 5 % slower) or FLUSH_SECONDS, whichever comes first
+# outcomes are written every FLUSH_EVERY (every 50, the worker ran 5 % slower; 200 was no
+# faster, and this bounds what a killed process sent without recording) or FLUSH_SECONDS,
+# whichever comes first
 FLUSH_EVERY = 100
 FLUSH_SECONDS = 1.0
 # sessions one sending thread (a lane) drives in step: it writes a message to each, then reads
@@ -524,8 +525,9 @@ def _compose(group: list[_Work]) -> Outgoing:
 
 def _hand_back(rest: list[_Work], stopped: list[ReplyClass], lease: datetime, s: Settings) -> None:
     """Deliveries not tried go back with their attempts: paused (configuration, which
-    outranks a resting relay) or time run out: queued, due now, and the dispatcher's next pass
-    publishes them; resting: deferred until the relay's rest is over."""
+    outranks a resting relay) or time run out (no relay-wide stop: the only other reason a
+    group comes back untried): queued, due now, and the dispatcher's next pass publishes
+    them; resting: deferred until the relay's rest is over."""
     now = clock.now()
     if not stopped:
         log.warning(

@@ -47,7 +47,7 @@ def publish(ids: Iterable[int], priority: Priority, chunk_size: int) -> int:
                         declare=[],
                         retry_policy=_ONE_QUICK_RETRY,
                         # what logs and monitors show for the arguments; Celery's own repr of
-                        # a hundred ids cost more than the rest of publishing
+                        # a chunk's hundreds of ids cost more than the rest of publishing
                         argsrepr=f"[{len(chunk)} delivery ids from {chunk[0]}]",
                     )
                     sent += len(chunk)
