@@ -44,8 +44,8 @@ TIMINGS: dict[str, Any] = {
     "retry_first_delay": 1,
     "relay_backoff": 2,
     "chunk_size": CHUNK,
-    # two sessions per process, not the default four: the threaded sending path still runs,
-    # and a campaign lasts long enough for a fault to land in its middle
+    # two sessions per process (one lane, as for a relay on this host), so that a campaign
+    # lasts long enough for a fault to land in its middle
     "smtp_sessions": 2,
     "log_level": "INFO",
 }

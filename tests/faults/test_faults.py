@@ -88,9 +88,12 @@ def test_kill_9_of_a_pool_process(rig: Rig) -> None:
     """A pool process dies mid-chunk; Celery replaces it and the worker goes on. Deliveries it
     had claimed stay `sending` until their lease runs out, then the dispatcher hands them out
     again: every recipient delivered; duplicates only among what was in flight at the kill."""
-    # three times the usual campaign: the worker is quick, and a kill that falls between two
-    # chunks (nothing left `sending`) needs room for another
+    # three times the usual campaign, and a relay that takes a few milliseconds a message: a
+    # chunk then lasts long enough for the kill to land in one (on a fast machine the whole
+    # campaign went out in about two seconds, and a kill between two chunks, which leaves
+    # nothing `sending`, often found it over, with no room for another)
     total = 3 * RECIPIENTS
+    rig.server.reply("DOT", "250 2.0.0 Ok: queued", delay=0.004)
     _campaign(total)
     worker = rig.worker()
     rig.dispatcher()
