@@ -5,7 +5,9 @@ deliveries, each with its own context, go out one by one over the process's sess
 time in step. Outcomes are recorded in batches; a relay-wide failure (throttling, unreachable,
 misconfigured) stops the chunk and hands the untried deliveries back without spending their
 attempts, and so does a chunk still sending at half its lease (a slow relay): it begins
-nothing more, and what it has not begun goes back to the queue.
+nothing more, and what it has not begun goes back to the queue. No wait for the relay lasts
+past three quarters of the lease: a reply that late counts as none, so that every outcome is
+recorded before the chunk may be handed out again.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, NamedTuple
 
 from sqlalchemy import Row, Select, select
 from sqlalchemy.orm import Session
@@ -49,6 +51,14 @@ FLUSH_SECONDS = 1.0
 # their replies, so that one wait for the relay covers them all (measured: ~10 % less CPU a
 # message over two sessions in step than over one, BENCHMARKS.md)
 IN_STEP = 2
+
+
+class _Limits(NamedTuple):
+    """A chunk's time, on the monotonic clock: no transaction begins from `begin_by` on, and
+    no wait for the relay lasts past `end_by`."""
+
+    begin_by: float
+    end_by: float
 
 
 @dataclass
@@ -96,9 +106,10 @@ def deliver_chunk(
     name = transport.name if transport is not None else s.smtp.name
     now = clock.now()
     lease = now + timedelta(seconds=s.lease_seconds)
-    # no transaction begins after half the lease: the rest is left for the time it takes to
-    # end the transactions under way and record them, before the chunk may be handed out again
-    until = time.monotonic() + s.lease_seconds / 2
+    # no transaction begins after half the lease, and no wait for the relay lasts past three
+    # quarters of it: the rest is for recording, before the chunk may be handed out again
+    start = time.monotonic()
+    limits = _Limits(start + s.lease_seconds / 2, start + s.lease_seconds * 3 / 4)
     work, closed = db.retrying(
         lambda db_: _claim(db_, ids, lease, name, now),
         what="claiming deliveries",
@@ -109,7 +120,7 @@ def deliver_chunk(
     stopped: list[ReplyClass] = []
     untried: list[_Work] = []
     aside: list[Verdict] = []
-    sending = _send(list(_transactions(work)), transport, s, stopped, aside, until)
+    sending = _send(list(_transactions(work)), transport, s, stopped, aside, limits)
     try:
         for group, verdicts in sending:
             if verdicts is None:  # the relay failed meanwhile, or time ran out: not tried
@@ -135,16 +146,16 @@ def _send(
     s: Settings,
     stopped: list[ReplyClass],
     aside: list[Verdict],
-    until: float,
+    limits: _Limits,
 ) -> Generator[tuple[list[_Work], list[Verdict] | None]]:
-    """Each group's verdicts, as they come; after a relay-wide failure, or from `until` (on
-    the monotonic clock) on, the groups not yet begun come back untried (None). Closed early,
-    it starts nothing more and waits for the sessions still sending, whose verdicts it puts
+    """Each group's verdicts, as they come; after a relay-wide failure, or from
+    `limits.begin_by` on, the groups not yet begun come back untried (None). Closed early, it
+    starts nothing more and waits for the sessions still sending, whose verdicts it puts
     `aside`."""
     halted: list[bool] = []
 
     def over() -> bool:  # a relay-wide failure, the consumer gone, or out of time
-        return bool(stopped or halted) or time.monotonic() >= until
+        return bool(stopped or halted) or time.monotonic() >= limits.begin_by
 
     def attempt(
         relay: Transport,
@@ -155,7 +166,7 @@ def _send(
     ) -> tuple[list[_Work], list[Verdict] | None]:
         if over():
             return group, None
-        verdicts = _attempt(group, relay, composed, following, meanwhile)
+        verdicts = _attempt(group, relay, composed, following, meanwhile, limits.end_by)
         if any(v.klass.relay_wide for v in verdicts):
             stopped.append(next(v.klass for v in verdicts if v.klass.relay_wide))
         return group, verdicts
@@ -429,6 +440,7 @@ def _attempt(
     outgoing: Outgoing | str,
     following: Outgoing | None,
     meanwhile: Callable[[], object] | None,
+    deadline: float | None,
 ) -> list[Verdict]:
     if isinstance(outgoing, str):
         reply = SMTPReply.lost(outgoing)
@@ -445,6 +457,7 @@ def _attempt(
             outgoing if whole else outgoing._replace(recipients=batch),
             following if whole else None,
             meanwhile if whole else None,
+            deadline=deadline,
         )
         again = []
         for r in result.results:

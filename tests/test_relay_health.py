@@ -130,6 +130,24 @@ def test_a_chunk_too_slow_for_its_lease_hands_the_rest_back_untried(
         assert dispatcher.run_once(backlog=0).published == report.released
 
 
+def test_a_reply_later_than_three_quarters_of_the_lease_is_none(sqlite_db, configure_env) -> None:
+    """A relay that takes longer to answer "." than the lease leaves: the wait ends at three
+    quarters of the lease, the message is held as unknown (it may have been delivered) and
+    recorded before the lease runs out, so that no other worker can take it over and send it
+    again; what was not begun goes back queued."""
+    with ScriptedSMTPServer() as server:
+        server.reply("DOT", "250 2.0.0 Ok: queued", delay=2.0)
+        ids = _campaign_over_sessions(server, configure_env, 2, 6)
+        configure_env(lease_seconds=1.2)  # begin nothing after 0.6 s; wait for nothing after 0.9
+        began = time.monotonic()
+        report = deliver_chunk(ids)
+        assert time.monotonic() - began < 1.2
+        assert report.attempted == 2 and report.released == 4  # one step of two sessions
+        assert sorted(states().values()) == ["queued"] * 4 + ["unknown"] * 2
+        held = deliveries(state="unknown")
+        assert all("timed out" in (d.last_reply or "") for d in held)
+
+
 @pytest.mark.parametrize("sessions", [2, 4])
 def test_chunks_at_once_in_one_process_take_lanes_of_their_own(
     sqlite_db, configure_env, sessions: int

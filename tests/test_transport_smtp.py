@@ -415,6 +415,27 @@ def test_timeout_at_dot_is_ambiguous(server: ScriptedSMTPServer) -> None:
     assert "timed out" in result.results[0].reply.text
 
 
+@pytest.mark.parametrize("slow", ["RCPT", "DOT"])
+def test_no_reply_is_awaited_past_the_deadline(slow: str, caplog: pytest.LogCaptureFixture) -> None:
+    """The caller's deadline shortens every wait of the transaction (its lease runs out
+    otherwise), with no retry and no conclusion about the server (a pipelined envelope
+    unanswered would otherwise have it dropped to lockstep); the session then works as
+    before, with its own timeouts."""
+    with ScriptedSMTPServer() as server:  # offering PIPELINING
+        session = SMTPSession(relay(server))  # timeouts of a minute and of ten
+        reply = "250 2.1.5 Ok" if slow == "RCPT" else "250 2.0.0 Ok: queued"
+        server.reply(slow, reply, delay=1.5, times=1)
+        began = time.monotonic()
+        result = session.send(outgoing(A), deadline=began + 0.3)
+        assert time.monotonic() - began < 1.2
+        [(address, code, phase)] = summary(result)
+        assert (address, code) == (A, None) and "timed out" in result.results[0].reply.text
+        assert phase is (Phase.DOT if slow == "DOT" else Phase.RCPT)
+        assert "lockstep" not in caplog.text and "retrying" not in caplog.text
+        server.reply(slow, reply, delay=0.2, times=1)
+        assert summary(session.send(outgoing(B))) == [(B, 250, Phase.DOT)]  # no deadline now
+
+
 def test_unreachable_relay(server: ScriptedSMTPServer) -> None:
     config = relay(server)
     server.stop()

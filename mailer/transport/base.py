@@ -42,10 +42,14 @@ class Transport(Protocol):
         outgoing: Outgoing,
         following: Outgoing | None = None,
         meanwhile: Callable[[], object] | None = None,
+        *,
+        deadline: float | None = None,
     ) -> TransactionResult:
         """One transaction. `following` is the transaction the caller will send next on this
         transport, when it knows it: an SMTP session sends its envelope ahead. `meanwhile`
-        is work for the wait on the server's reply to the message (run at most once)."""
+        is work for the wait on the server's reply to the message (run at most once). No wait
+        for the server lasts past `deadline` (on the monotonic clock): a reply that does not
+        come by then is a timeout."""
         ...
 
     def close(self) -> None: ...

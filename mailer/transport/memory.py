@@ -43,6 +43,8 @@ class MemoryTransport:
         outgoing: Outgoing,
         following: Outgoing | None = None,
         meanwhile: Callable[[], object] | None = None,
+        *,
+        deadline: float | None = None,
     ) -> TransactionResult:
         started = clock.now()
         if meanwhile is not None:

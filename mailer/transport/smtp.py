@@ -9,7 +9,8 @@ instead of two. The session never decides what a reply means: it reports each re
 reply and the phase it came in (replies.classify judges). It retries a transaction only where
 nothing can have been accepted yet: once on a fresh connection when a reused one turns out
 stale at MAIL, once in lockstep when a pipelined envelope goes unanswered, and once when an
-envelope sent behind a message does.
+envelope sent behind a message does; never past the caller's deadline, which also cuts every
+wait for a reply short (a chunk's lease must not run out while it waits).
 """
 
 from __future__ import annotations
@@ -97,6 +98,7 @@ class SMTPSession:
         # the next send() must be that transaction, or the connection is dropped, which
         # aborts it (no body was sent, so nothing can be delivered)
         self._announced: _Envelope | None = None
+        self._deadline: float | None = None  # the transaction's (send's `deadline`)
 
     # --- the transaction ----------------------------------------------------------------
 
@@ -105,14 +107,18 @@ class SMTPSession:
         outgoing: Outgoing,
         following: Outgoing | None = None,
         meanwhile: Callable[[], object] | None = None,
+        *,
+        deadline: float | None = None,
     ) -> TransactionResult:
         """Run one transaction. With `following`, the transaction the caller sends next on this
         session, that one's envelope may go out behind this message (then the next call must
         be send(following)). `meanwhile` is run, at most once, while the server takes the
-        message (between its "." and the reply), if the transaction gets that far."""
+        message (between its "." and the reply), if the transaction gets that far. No reply is
+        awaited past `deadline` (time.monotonic()): one that late is a timeout."""
         if self._announced is not None and self._announced.out is not outgoing:
             log.debug("relay %s: the announced transaction was not sent; reconnecting", self.name)
             self._abort()
+        self._deadline = deadline
         started = clock.now()
         results = self._deliver(outgoing, following, meanwhile) if outgoing.recipients else []
         tls = self._tls
@@ -142,6 +148,8 @@ class SMTPSession:
                 if failed.phase is not Phase.LOCAL:  # a local refusal leaves the session in step
                     self._abort()
                 retry = _retry_reason(failed, reused, pipelined, announced)
+                if self._deadline is not None and time.monotonic() >= self._deadline:
+                    retry = None  # out of time: neither a retry nor a verdict on the server
                 if retry is None or retry not in retries:
                     return [
                         decided.get(r) or RecipientResult(r, failed.reply, failed.phase)
@@ -180,6 +188,7 @@ class SMTPSession:
     ) -> None:
         """Run one transaction, filling `decided` as replies come in (raises _Failed)."""
         announced, self._announced = self._announced, None
+        _timeout(smtp, self._wait(self.config.command_timeout))
         envelope = announced or self._envelope(smtp, out)
         if pipelined and announced is None:
             with _phase(Phase.MAIL):
@@ -282,13 +291,19 @@ class SMTPSession:
             except Exception:  # the message is out: its reply must still be read and reported
                 log.exception("relay %s: work done while waiting for a reply failed", self.name)
         with _phase(Phase.DOT):
-            _timeout(smtp, self.config.data_timeout)
+            _timeout(smtp, self._wait(self.config.data_timeout))
             final = _read(smtp)
-            _timeout(smtp, self.config.command_timeout)
+            _timeout(smtp, self._wait(self.config.command_timeout))  # RSET, QUIT
         for recipient in accepted:
             decided[recipient] = RecipientResult(recipient, final, Phase.DOT)
         if _closes(final):
             self._abort()
+
+    def _wait(self, seconds: float) -> float:
+        """`seconds`, or less: no reply is awaited past the transaction's deadline."""
+        if self._deadline is None:
+            return seconds
+        return max(0.001, min(seconds, self._deadline - time.monotonic()))
 
     def _rset(self, smtp: smtplib.SMTP) -> None:
         try:
@@ -347,6 +362,7 @@ class SMTPSession:
             self._abort()  # a command now would be read as that transaction's message
         smtp = self._smtp
         if smtp is not None and self._idle():
+            _timeout(smtp, self.config.command_timeout)  # not a past transaction's deadline
             try:
                 code, _ = smtp.noop()
             except (smtplib.SMTPException, OSError):
@@ -498,6 +514,7 @@ class SMTPSession:
     def _command(self, run: Callable[[smtplib.SMTP], tuple[int, bytes]]) -> SMTPReply:
         try:
             smtp, _ = self._ready()
+            _timeout(smtp, self.config.command_timeout)  # not a past transaction's deadline
             with _phase(Phase.CONNECT):
                 reply = SMTPReply.of(*run(smtp))
         except _Failed as failed:
