@@ -5,9 +5,10 @@ deliveries, each with its own context, go out one by one over the process's sess
 time in step. Outcomes are recorded in batches; a relay-wide failure (throttling, unreachable,
 misconfigured) stops the chunk and hands the untried deliveries back without spending their
 attempts, and so does a chunk still sending at half its lease (a slow relay): it begins
-nothing more, and what it has not begun goes back to the queue. No wait for the relay lasts
-past three quarters of the lease: a reply that late counts as none, so that every outcome is
-recorded before the chunk may be handed out again.
+nothing more, and what it has not begun goes back to the queue. No reply of the relay is
+awaited past three quarters of the lease: one that late counts as none (the message held as
+unknown, or the relay resting), so that outcomes are recorded before the chunk may be handed
+out again.
 """
 
 from __future__ import annotations

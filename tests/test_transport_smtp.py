@@ -436,6 +436,32 @@ def test_no_reply_is_awaited_past_the_deadline(slow: str, caplog: pytest.LogCapt
         assert summary(session.send(outgoing(B))) == [(B, 250, Phase.DOT)]  # no deadline now
 
 
+def test_each_reply_of_the_envelope_is_cut_short_by_the_deadline() -> None:
+    """A relay that answers every RCPT late (a tarpit): the deadline bounds the transaction,
+    not each reply (six replies of 0.25 s took 1.5 s when each got the time left at the
+    start)."""
+    with ScriptedSMTPServer() as server:
+        server.reply("RCPT", "250 2.1.5 Ok", delay=0.25)
+        session = SMTPSession(relay(server))
+        began = time.monotonic()
+        result = session.send(
+            outgoing(*(f"r{i}@example.org" for i in range(6))), deadline=began + 0.4
+        )
+        assert time.monotonic() - began < 0.9
+        assert {(code, phase) for _, code, phase in summary(result)} == {(None, Phase.RCPT)}
+
+
+def test_a_past_deadline_does_not_shorten_later_commands() -> None:
+    """The socket's timeout set for a send's deadline is not left for what comes after it."""
+    with ScriptedSMTPServer() as server:
+        session = SMTPSession(relay(server))
+        assert summary(session.send(outgoing(A), deadline=time.monotonic() + 0.25))[0][1] == 250
+        time.sleep(0.3)  # that deadline is past
+        server.reply("NOOP", "250 2.0.0 Ok", delay=0.4)
+        assert session.noop().code == 250
+        assert server.connections == 1
+
+
 def test_unreachable_relay(server: ScriptedSMTPServer) -> None:
     config = relay(server)
     server.stop()

@@ -47,9 +47,8 @@ class Transport(Protocol):
     ) -> TransactionResult:
         """One transaction. `following` is the transaction the caller will send next on this
         transport, when it knows it: an SMTP session sends its envelope ahead. `meanwhile`
-        is work for the wait on the server's reply to the message (run at most once). No wait
-        for the server lasts past `deadline` (on the monotonic clock): a reply that does not
-        come by then is a timeout."""
+        is work for the wait on the server's reply to the message (run at most once). A reply
+        that has not come by `deadline` (on the monotonic clock) is a timeout."""
         ...
 
     def close(self) -> None: ...

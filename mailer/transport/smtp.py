@@ -9,8 +9,9 @@ instead of two. The session never decides what a reply means: it reports each re
 reply and the phase it came in (replies.classify judges). It retries a transaction only where
 nothing can have been accepted yet: once on a fresh connection when a reused one turns out
 stale at MAIL, once in lockstep when a pipelined envelope goes unanswered, and once when an
-envelope sent behind a message does; never past the caller's deadline, which also cuts every
-wait for a reply short (a chunk's lease must not run out while it waits).
+envelope sent behind a message does; never past the caller's deadline, by which every reply
+of the transaction must have come (a chunk's lease must not run out while it waits). A
+reconnection within a send, and the handshake after it, keep their own timeouts.
 """
 
 from __future__ import annotations
@@ -118,11 +119,14 @@ class SMTPSession:
         if self._announced is not None and self._announced.out is not outgoing:
             log.debug("relay %s: the announced transaction was not sent; reconnecting", self.name)
             self._abort()
-        self._deadline = deadline
         started = clock.now()
-        results = self._deliver(outgoing, following, meanwhile) if outgoing.recipients else []
-        tls = self._tls
-        self._after_transaction()
+        self._deadline = deadline
+        try:
+            results = self._deliver(outgoing, following, meanwhile) if outgoing.recipients else []
+            tls = self._tls
+            self._after_transaction()
+        finally:
+            self._deadline = None  # it was this call's
         return TransactionResult(tuple(results), self.name, tls, started, clock.now())
 
     def _deliver(
@@ -252,6 +256,11 @@ class SMTPSession:
         with _phase(phase):
             if command is not None:
                 smtp.send(command + _CRLF)
+            if (
+                self._deadline is not None
+                and self._deadline - time.monotonic() < self.config.command_timeout
+            ):
+                _timeout(smtp, self._wait(self.config.command_timeout))  # each reply's own
             reply = _read(smtp, _envelope_replies)
         if _closes(reply):
             raise _Failed(reply, phase)
@@ -532,6 +541,7 @@ class SMTPSession:
         smtp, self._smtp = self._smtp, None
         if smtp is None:
             return
+        _timeout(smtp, self._wait(self.config.command_timeout))  # a send's deadline, if in one
         try:
             smtp.quit()
         except (smtplib.SMTPException, OSError):
