@@ -18,7 +18,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -321,19 +321,6 @@ class Proc:
         victim = pid if pid is not None else self.children()[0]
         os.kill(victim, signal.SIGKILL)
         return victim
-
-    @contextlib.contextmanager
-    def paused(self) -> Iterator[None]:
-        """SIGSTOP the pool processes for the block, SIGCONT them after (even on error)."""
-        stopped = self.children()
-        for pid in stopped:
-            os.kill(pid, signal.SIGSTOP)
-        try:
-            yield
-        finally:
-            for pid in stopped:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGCONT)
 
     def kill_group(self) -> None:
         """SIGKILL the whole process group: the main process and every pool process."""
