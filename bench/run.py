@@ -40,6 +40,16 @@ from infra import BENCH, PROCS, PYTHON, ROOT, BenchError
 from mailer import config
 
 PENDING = ("queued", "sending", "deferred")
+# the ratios reported (numerator / denominator), of the medians and within each round
+RATIOS = [
+    *(
+        (num, den)
+        for num in ("mailer-pg", "mailer-sqlite")
+        for den in ("lockstep", "pipelined", "naive")
+    ),
+    ("mailer-pg-rtt20", "lockstep-rtt20"),
+    ("mailer-pg-rtt20", "pipelined-rtt20"),
+]
 
 CASES: dict[str, str] = {
     "lockstep": "(b) ceiling: 2 processes, each one persistent smtplib session, sendmail() in a "
@@ -898,13 +908,7 @@ def summarize(
         return float(value) if value else None
 
     ratios: dict[str, float] = {}
-    pairs = [
-        (num, den)
-        for num in ("mailer-pg", "mailer-sqlite")
-        for den in ("lockstep", "pipelined", "naive")
-    ]
-    pairs += [("mailer-pg-rtt20", "lockstep-rtt20"), ("mailer-pg-rtt20", "pipelined-rtt20")]
-    for num, den in pairs:
+    for num, den in RATIOS:
         a, b = rate(num), rate(den)
         if a and b:
             ratios[f"{num} / {den}"] = a / b
@@ -915,8 +919,10 @@ def round_ratios(report: dict[str, Any], ratios: dict[str, float]) -> dict[str, 
     """Each ratio within each round (the runs of a round were made minutes apart): how much
     of a ratio's spread is the machine's."""
     out: dict[str, list[float]] = {}
-    for name in ratios:
-        num, den = name.split(" / ")
+    for num, den in RATIOS:
+        name = f"{num} / {den}"
+        if name not in ratios:
+            continue
         a = report["cases"][num]["runs"]
         b = report["cases"][den]["runs"]
         out[name] = [

@@ -192,7 +192,7 @@ class SMTPSession:
     ) -> None:
         """Run one transaction, filling `decided` as replies come in (raises _Failed)."""
         announced, self._announced = self._announced, None
-        _timeout(smtp, self._wait(self.config.command_timeout))
+        self._limit(smtp, self.config.command_timeout)
         envelope = announced or self._envelope(smtp, out)
         if pipelined and announced is None:
             with _phase(Phase.MAIL):
@@ -256,11 +256,7 @@ class SMTPSession:
         with _phase(phase):
             if command is not None:
                 smtp.send(command + _CRLF)
-            if (
-                self._deadline is not None
-                and self._deadline - time.monotonic() < self.config.command_timeout
-            ):
-                _timeout(smtp, self._wait(self.config.command_timeout))  # each reply's own
+            self._limit(smtp, self.config.command_timeout)  # each reply: the time left
             reply = _read(smtp, _envelope_replies)
         if _closes(reply):
             raise _Failed(reply, phase)
@@ -300,19 +296,20 @@ class SMTPSession:
             except Exception:  # the message is out: its reply must still be read and reported
                 log.exception("relay %s: work done while waiting for a reply failed", self.name)
         with _phase(Phase.DOT):
-            _timeout(smtp, self._wait(self.config.data_timeout))
+            self._limit(smtp, self.config.data_timeout)
             final = _read(smtp)
-            _timeout(smtp, self._wait(self.config.command_timeout))  # RSET, QUIT
+            self._limit(smtp, self.config.command_timeout)  # RSET, QUIT
         for recipient in accepted:
             decided[recipient] = RecipientResult(recipient, final, Phase.DOT)
         if _closes(final):
             self._abort()
 
-    def _wait(self, seconds: float) -> float:
-        """`seconds`, or less: no reply is awaited past the transaction's deadline."""
-        if self._deadline is None:
-            return seconds
-        return max(0.001, min(seconds, self._deadline - time.monotonic()))
+    def _limit(self, smtp: smtplib.SMTP, seconds: float) -> None:
+        """The socket's timeout for the next wait: `seconds`, or less, so that no reply is
+        awaited past the send's deadline (unchanged, it costs no system call)."""
+        if self._deadline is not None:
+            seconds = max(0.001, min(seconds, self._deadline - time.monotonic()))
+        _timeout(smtp, seconds)
 
     def _rset(self, smtp: smtplib.SMTP) -> None:
         try:
@@ -541,7 +538,7 @@ class SMTPSession:
         smtp, self._smtp = self._smtp, None
         if smtp is None:
             return
-        _timeout(smtp, self._wait(self.config.command_timeout))  # a send's deadline, if in one
+        self._limit(smtp, self.config.command_timeout)  # a send's deadline, if in one
         try:
             smtp.quit()
         except (smtplib.SMTPException, OSError):
