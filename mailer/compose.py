@@ -163,10 +163,14 @@ def _field(name: str, value: str, policy: email.policy.EmailPolicy[Any]) -> str:
 
 def _part(body: str, subtype: str) -> bytes:
     """A text part: 7bit when ASCII with lines under the limit, else quoted-printable."""
-    raw = body.replace("\r\n", "\n").replace("\r", "\n").encode("utf-8")
+    if "\r" in body:
+        body = body.replace("\r\n", "\n").replace("\r", "\n")
+    raw = body.encode("utf-8")
     if not raw.endswith(b"\n"):
         raw += b"\n"
-    if raw.isascii() and max(map(len, raw.split(b"\n"))) <= _MAX_LINE:
+    # no line of a body that short can be too long (splitting it cost more than the rest)
+    short = len(raw) <= _MAX_LINE
+    if raw.isascii() and (short or max(map(len, raw.split(b"\n"))) <= _MAX_LINE):
         encoding, payload = "7bit", raw
     else:
         encoding, payload = "quoted-printable", binascii.b2a_qp(raw, istext=True)

@@ -8,8 +8,8 @@ the class digit: "550 4.2.2" is judged as a 550.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
 from enum import IntEnum, StrEnum
+from typing import NamedTuple
 
 
 class ReplyCode(IntEnum):
@@ -84,9 +84,9 @@ class ReplyClass(StrEnum):
 _ENHANCED = re.compile(r"([245])\.(\d{1,3})\.(\d{1,3})(?![\w.])")
 
 
-@dataclass(frozen=True)
-class SMTPReply:
-    """One server reply. `code` is None when the connection failed instead of replying."""
+class SMTPReply(NamedTuple):
+    """One server reply. `code` is None when the connection failed instead of replying. (A
+    tuple: one is made for most messages, and a frozen dataclass cost 1 us more to make.)"""
 
     code: int | None
     text: str

@@ -132,7 +132,10 @@ def _render(
     parts: list[str] = []
     size = 0
     try:
-        for part in template.generate(context):
+        # the compiled template's own render function, as Template.render calls it: its
+        # generate() would copy the context once more and pass every piece through a
+        # generator of its own (a message and its header: 150,000 -> 136,000 instructions)
+        for part in template.root_render_func(template.new_context(context)):
             size += len(part)
             if size > limit:
                 raise TemplateError(

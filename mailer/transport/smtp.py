@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import enum
 import functools
+import itertools
 import logging
 import re
 import select
@@ -43,6 +44,7 @@ _CRLF = b"\r\n"
 _EOL = re.compile(rb"\r\n|\r(?!\n)|\n")
 _LEADING_DOT = re.compile(rb"(?m)^\.")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+_NOT_IN_ADDRESS = re.compile(r"[\x00-\x1f\x7f<>]")  # in an envelope address
 # the phases in which a lost connection or a refusal means the server accepted nothing yet
 _NOTHING_ACCEPTED = (Phase.MAIL, Phase.RCPT, Phase.DATA)
 # the AUTH mechanisms tried, in order; only one is tried, so a wrong password fails once
@@ -63,16 +65,34 @@ class _Failed(Exception):
 
 
 class _Envelope(NamedTuple):
-    """A transaction ready to go: its envelope commands and its message (CRLF line ends only,
-    not yet dot-stuffed)."""
+    """A transaction ready to go: its envelope commands, as sent together (`wire`), and its
+    message (CRLF line ends only, not yet dot-stuffed)."""
 
     out: Outgoing
     commands: list[bytes]
+    wire: bytes
     message: bytes
 
-    @property
-    def wire(self) -> bytes:
-        return b"".join(c + _CRLF for c in self.commands)
+
+class _Features(NamedTuple):
+    """What the connected server offers that a transaction depends on, read once a
+    connection (after STARTTLS, whose EHLO may offer more)."""
+
+    pipelining: bool
+    size: bool
+    size_limit: int  # 0: none announced
+    smtputf8: bool
+    eightbitmime: bool
+
+    @classmethod
+    def of(cls, smtp: smtplib.SMTP) -> _Features:
+        return cls(
+            smtp.has_extn("pipelining"),
+            smtp.has_extn("size"),
+            _size_limit(smtp),
+            smtp.has_extn("smtputf8"),
+            smtp.has_extn("8bitmime"),
+        )
 
 
 class _Retry(enum.Enum):
@@ -100,6 +120,7 @@ class SMTPSession:
         # aborts it (no body was sent, so nothing can be delivered)
         self._announced: _Envelope | None = None
         self._deadline: float | None = None  # the transaction's (send's `deadline`)
+        self._features = _Features(False, False, 0, False, False)  # the connection's
 
     # --- the transaction ----------------------------------------------------------------
 
@@ -133,7 +154,7 @@ class SMTPSession:
         self, out: Outgoing, following: Outgoing | None, meanwhile: Callable[[], object] | None
     ) -> list[RecipientResult]:
         # a retry comes only where no body was sent, so `meanwhile` runs once at most
-        retries = set(_Retry)
+        retried: set[_Retry] = set()
         while True:
             decided: dict[str, RecipientResult] = {}
             reused = pipelined = announced = False
@@ -145,7 +166,7 @@ class SMTPSession:
                     smtp, reused, pipelined, announced = self._smtp, True, True, True
                 else:
                     smtp, reused = self._ready()
-                    pipelined = self._use_pipelining(smtp)
+                    pipelined = self._use_pipelining()
                 self._transaction(smtp, out, pipelined, decided, following, meanwhile)
                 return [decided[r] for r in out.recipients]
             except _Failed as failed:
@@ -154,12 +175,12 @@ class SMTPSession:
                 retry = _retry_reason(failed, reused, pipelined, announced)
                 if self._deadline is not None and time.monotonic() >= self._deadline:
                     retry = None  # out of time: neither a retry nor a verdict on the server
-                if retry is None or retry not in retries:
+                if retry is None or retry in retried:
                     return [
                         decided.get(r) or RecipientResult(r, failed.reply, failed.phase)
                         for r in out.recipients
                     ]
-                retries.remove(retry)
+                retried.add(retry)
                 self._before_retry(retry, failed)
 
     def _before_retry(self, retry: _Retry, failed: _Failed) -> None:
@@ -194,10 +215,14 @@ class SMTPSession:
         announced, self._announced = self._announced, None
         self._limit(smtp, self.config.command_timeout)
         envelope = announced or self._envelope(smtp, out)
-        if pipelined and announced is None:
-            with _phase(Phase.MAIL):
-                smtp.send(envelope.wire)
-        replies = self._replies(smtp, pipelined, envelope.commands)
+        replies: Iterator[SMTPReply]
+        if pipelined:
+            if announced is None:
+                with _phase(Phase.MAIL):
+                    smtp.send(envelope.wire)
+            replies = self._pipelined_replies(smtp, len(envelope.commands))
+        else:
+            replies = self._replies(smtp, envelope.commands)
 
         mail = next(replies)
         mail_ok = _positive(mail)
@@ -224,10 +249,10 @@ class SMTPSession:
         """The transaction's commands for this server (raises _Failed at Phase.LOCAL for what
         the server would refuse)."""
         message = _crlf_only(out.data)  # a bare CR or LF is never sent (SMTP smuggling)
-        options = self._mail_options(smtp, out, len(message))
+        options = self._mail_options(out, len(message))
         encoding = "utf-8" if "SMTPUTF8" in options else "ascii"
         commands = [line.encode(encoding) for line in _envelope(out, options)]
-        return _Envelope(out, commands, message)
+        return _Envelope(out, commands, _CRLF.join(commands) + _CRLF, message)
 
     def _announce(self, smtp: smtplib.SMTP, following: Outgoing | None) -> _Envelope | None:
         """The envelope to write behind this message: none without PIPELINING, for a session
@@ -235,7 +260,7 @@ class SMTPSession:
         reports that)."""
         if following is None or not following.recipients or self._ahead_broken:
             return None
-        if not self._use_pipelining(smtp):
+        if not self._use_pipelining():
             return None
         if self._in_session + 1 >= self.config.max_messages:
             return None
@@ -244,13 +269,30 @@ class SMTPSession:
         except _Failed:
             return None
 
-    def _replies(
-        self, smtp: smtplib.SMTP, pipelined: bool, commands: list[bytes]
-    ) -> Iterator[SMTPReply]:
-        """The reply to each envelope command, sending it first unless already pipelined."""
+    def _replies(self, smtp: smtplib.SMTP, commands: list[bytes]) -> Iterator[SMTPReply]:
+        """Lockstep: each envelope command sent once the reply before it is read, and only
+        while the transaction can go on (the caller stops asking)."""
         phases = [Phase.MAIL] + [Phase.RCPT] * (len(commands) - 2) + [Phase.DATA]
         for phase, command in zip(phases, commands, strict=True):
-            yield self._ask(smtp, phase, None if pipelined else command)
+            yield self._ask(smtp, phase, command)
+
+    def _pipelined_replies(self, smtp: smtplib.SMTP, count: int) -> Iterator[SMTPReply]:
+        """The replies to a pipelined envelope's `count` commands (MAIL, RCPT..., DATA), read
+        at once, each in the time left; a failure (a reply that closes the session, or none)
+        is raised where the caller reaches it, after the replies before it, as _ask would."""
+        replies: list[SMTPReply] = []
+        phase = Phase.MAIL
+        try:
+            for n in range(count):
+                phase = Phase.MAIL if n == 0 else Phase.DATA if n == count - 1 else Phase.RCPT
+                self._limit(smtp, self.config.command_timeout)
+                reply = _read(smtp, _envelope_replies)
+                if _closes(reply):
+                    return itertools.chain(replies, _raise(_Failed(reply, phase)))
+                replies.append(reply)
+        except _NETWORK_ERRORS as exc:
+            return itertools.chain(replies, _raise(_failure(exc, phase)))
+        return iter(replies)
 
     def _ask(self, smtp: smtplib.SMTP, phase: Phase, command: bytes | None) -> SMTPReply:
         with _phase(phase):
@@ -287,7 +329,7 @@ class SMTPSession:
                 # gone before a byte of the body left: certainly not delivered, so a plain
                 # retry rather than the "lost after '.'" that writing into the void would give
                 raise smtplib.SMTPServerDisconnected("the server closed the connection after 354")
-            smtp.send(body + b"." + _CRLF + (then.wire if then is not None else b""))
+            smtp.send(b"".join((body, b".\r\n", then.wire if then is not None else b"")))
         self._announced = then
         self._in_session += 1
         if meanwhile is not None:
@@ -308,8 +350,12 @@ class SMTPSession:
         """The socket's timeout for the next wait: `seconds`, or less, so that no reply is
         awaited past the send's deadline (unchanged, it costs no system call)."""
         if self._deadline is not None:
-            seconds = max(0.001, min(seconds, self._deadline - time.monotonic()))
-        _timeout(smtp, seconds)
+            left = self._deadline - time.monotonic()
+            if left < seconds:
+                seconds = max(0.001, left)
+        sock = smtp.sock
+        if sock is not None and sock.gettimeout() != seconds:
+            sock.settimeout(seconds)  # a system call: only when it changes
 
     def _rset(self, smtp: smtplib.SMTP) -> None:
         try:
@@ -320,15 +366,17 @@ class SMTPSession:
             # the transaction already failed; a session that cannot even RSET is not reusable
             self._abort()
 
-    def _mail_options(self, smtp: smtplib.SMTP, out: Outgoing, size: int) -> list[str]:
+    def _mail_options(self, out: Outgoing, size: int) -> list[str]:
         """MAIL FROM parameters; refuses here (Phase.LOCAL) what the server would refuse."""
-        for address in (out.sender, *out.recipients):
-            if _CONTROL.search(address) or "<" in address or ">" in address:
+        features = self._features
+        addresses = (out.sender, *out.recipients)
+        for address in addresses:
+            if _NOT_IN_ADDRESS.search(address):
                 raise _Failed(
                     SMTPReply.lost(f"address {address!r} contains a control character or <>"),
                     Phase.LOCAL,
                 )
-        limit = _size_limit(smtp)
+        limit = features.size_limit
         if limit and size > limit:
             raise _Failed(
                 SMTPReply.lost(
@@ -336,9 +384,9 @@ class SMTPSession:
                 ),
                 Phase.LOCAL,
             )
-        options = [f"SIZE={size}"] if smtp.has_extn("size") else []
-        if out.smtputf8 or not all(a.isascii() for a in (out.sender, *out.recipients)):
-            if not smtp.has_extn("smtputf8"):
+        options = [f"SIZE={size}"] if features.size else []
+        if out.smtputf8 or not all(a.isascii() for a in addresses):
+            if not features.smtputf8:
                 raise _Failed(
                     SMTPReply.lost(
                         "an address is not ASCII and the server does not offer SMTPUTF8"
@@ -346,14 +394,12 @@ class SMTPSession:
                     Phase.LOCAL,
                 )
             options.append("SMTPUTF8")
-        if smtp.has_extn("8bitmime") and not out.data.isascii():
+        if features.eightbitmime and not out.data.isascii():
             options.append("BODY=8BITMIME")
         return options
 
-    def _use_pipelining(self, smtp: smtplib.SMTP) -> bool:
-        return (
-            self.config.pipelining and not self._pipelining_broken and smtp.has_extn("pipelining")
-        )
+    def _use_pipelining(self) -> bool:
+        return self.config.pipelining and not self._pipelining_broken and self._features.pipelining
 
     def _after_transaction(self) -> None:
         self._last_used = time.monotonic()
@@ -407,6 +453,7 @@ class SMTPSession:
             smtp.close()
             raise
         self._smtp = smtp
+        self._features = _Features.of(smtp)
         self._tls = isinstance(smtp.sock, ssl.SSLSocket)
         self._in_session = 0
         self._last_used = time.monotonic()
@@ -679,7 +726,7 @@ def _getreply(smtp: smtplib.SMTP) -> tuple[int, bytes]:
 
 
 def _envelope(out: Outgoing, options: list[str]) -> list[str]:
-    mail = f"MAIL FROM:<{out.sender}>" + "".join(f" {option}" for option in options)
+    mail = " ".join([f"MAIL FROM:<{out.sender}>", *options])
     return [mail, *(f"RCPT TO:<{r}>" for r in out.recipients), "DATA"]
 
 
@@ -750,6 +797,11 @@ def _timeout(smtp: smtplib.SMTP, seconds: float) -> None:
     sock = smtp.sock
     if sock is not None and sock.gettimeout() != seconds:
         sock.settimeout(seconds)
+
+
+def _raise(failure: _Failed) -> Iterator[SMTPReply]:
+    raise failure
+    yield  # a generator: raises when reached
 
 
 def _describe(exc: BaseException) -> str:
