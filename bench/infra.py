@@ -356,22 +356,23 @@ class RSSSampler:
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
 
-    def sample(self) -> None:
+    def sample(self, pss: bool = False) -> None:
+        """Read the tree now; PSS too if asked, or if it is due."""
         with self._lock:
             pids = descendants(self.pid)
-            total = pss = 0
-            with_pss = time.monotonic() - self._pss_at >= self.pss_interval
+            total = pss_kb = 0
+            with_pss = pss or time.monotonic() - self._pss_at >= self.pss_interval
             if with_pss:
                 self._pss_at = time.monotonic()
             for pid in pids:
                 total += _status_kb(pid, "VmRSS")
                 if with_pss:
-                    pss += _status_kb(pid, "Pss", "smaps_rollup")
+                    pss_kb += _status_kb(pid, "Pss", "smaps_rollup")
                 hwm = _status_kb(pid, "VmHWM")
                 if hwm:
                     self.hwm[pid] = max(self.hwm.get(pid, 0), hwm)
                 self.ticks[pid] = max(self.ticks.get(pid, 0), _cpu_ticks(pid))
-            self.pss_peak_kb = max(self.pss_peak_kb, pss)
+            self.pss_peak_kb = max(self.pss_peak_kb, pss_kb)
             if total > self.peak_kb:
                 self.peak_kb = total
                 self.processes = len(pids)

@@ -631,7 +631,7 @@ def case_mailer(
             stop_file.touch()
             sender.wait(60)
             wait_drained(b, outbox, worker, d, label)
-        rss.sample()
+        rss.sample(pss=True)  # the end of the drain, whenever the last reading was
     finally:
         peak = rss.stop()
         hwm = rss.hwm_kb

@@ -64,12 +64,16 @@ def _create(url: str) -> Engine:
 
 def _json_loads(document: str | bytes) -> Any:
     """JSON columns (every delivery's context, as it is claimed) read by orjson: 1 us where
-    the json module took 7. orjson reads an integer over 64 bits as a float, so a document
-    with a run of 19 digits anywhere (such a number, or a string that merely looks like one)
-    is read by the json module, which keeps it exact."""
+    the json module took 7. The json module reads what orjson reads otherwise, or not at all:
+    a run of 19 digits anywhere (an integer over 64 bits, which orjson makes a float; or a
+    string that merely looks like one), and what orjson refuses (a lone surrogate, which
+    SQLite keeps as an escape)."""
     if _LONG_NUMBER.search(document if isinstance(document, bytes) else document.encode()):
         return json.loads(document)
-    return orjson.loads(document)
+    try:
+        return orjson.loads(document)
+    except orjson.JSONDecodeError:
+        return json.loads(document)
 
 
 _LONG_NUMBER = re.compile(rb"[0-9]{19}")

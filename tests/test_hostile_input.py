@@ -932,3 +932,18 @@ def test_nul_in_an_idempotency_key_or_a_campaign_name_is_refused(any_db: str, ca
             [GOOD],
             name="news\0letter",
         )
+
+
+def test_a_header_with_a_lone_surrogate_is_read_back_and_sent(sqlite_db: str) -> None:
+    # SQLite keeps the header JSON as written, the lone surrogate as an escape that orjson
+    # refuses to read: db._json_loads falls back to the json module, or the claim of the whole
+    # chunk would fail, again on every republication
+    add_template()
+    mailer.send(
+        template="welcome", to="a@example.com", context={"name": "A"}, headers={"X-Tag": "a\udc80b"}
+    )
+    with db.session_scope() as session:
+        [message] = session.query(Message).all()
+        assert message.headers == {"X-Tag": "a\udc80b"}
+    deliver_chunk([d.id for d in deliveries()], transport=MemoryTransport())
+    assert states() == {"a@example.com": "sent"}

@@ -214,7 +214,7 @@ class SMTPSession:
         """Run one transaction, filling `decided` as replies come in (raises _Failed)."""
         announced, self._announced = self._announced, None
         self._limit(smtp, self.config.command_timeout)
-        envelope = announced or self._envelope(smtp, out)
+        envelope = announced or self._envelope(out)
         replies: Iterator[SMTPReply]
         if pipelined:
             if announced is None:
@@ -245,9 +245,9 @@ class SMTPSession:
         body = _dot_stuffed(envelope.message)
         self._data(smtp, next(replies), accepted, body, decided, following, meanwhile)
 
-    def _envelope(self, smtp: smtplib.SMTP, out: Outgoing) -> _Envelope:
-        """The transaction's commands for this server (raises _Failed at Phase.LOCAL for what
-        the server would refuse)."""
+    def _envelope(self, out: Outgoing) -> _Envelope:
+        """The transaction's commands for the connected server (its `_features`; raises
+        _Failed at Phase.LOCAL for what it would refuse)."""
         message = _crlf_only(out.data)  # a bare CR or LF is never sent (SMTP smuggling)
         options = self._mail_options(out, len(message))
         encoding = "utf-8" if "SMTPUTF8" in options else "ascii"
@@ -265,7 +265,7 @@ class SMTPSession:
         if self._in_session + 1 >= self.config.max_messages:
             return None
         try:
-            return self._envelope(smtp, following)
+            return self._envelope(following)
         except _Failed:
             return None
 
@@ -352,7 +352,8 @@ class SMTPSession:
         if self._deadline is not None:
             left = self._deadline - time.monotonic()
             if left < seconds:
-                seconds = max(0.001, left)
+                seconds = left
+            seconds = max(0.001, seconds)
         sock = smtp.sock
         if sock is not None and sock.gettimeout() != seconds:
             sock.settimeout(seconds)  # a system call: only when it changes
