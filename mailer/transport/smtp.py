@@ -254,7 +254,7 @@ class SMTPSession:
         commands = [line.encode(encoding) for line in _envelope(out, options)]
         return _Envelope(out, commands, _CRLF.join(commands) + _CRLF, message)
 
-    def _announce(self, smtp: smtplib.SMTP, following: Outgoing | None) -> _Envelope | None:
+    def _announce(self, following: Outgoing | None) -> _Envelope | None:
         """The envelope to write behind this message: none without PIPELINING, for a session
         that closes after it, or for a transaction the server would refuse (its own send()
         reports that)."""
@@ -323,7 +323,7 @@ class SMTPSession:
                 self._ask(smtp, Phase.BODY, b".")
             self._rset(smtp)
             return
-        then = self._announce(smtp, following)
+        then = self._announce(following)
         with _phase(Phase.BODY):
             if _peer_closed(smtp):
                 # gone before a byte of the body left: certainly not delivered, so a plain
