@@ -451,6 +451,28 @@ def test_each_reply_of_the_envelope_is_cut_short_by_the_deadline() -> None:
         assert {(code, phase) for _, code, phase in summary(result)} == {(None, Phase.RCPT)}
 
 
+@pytest.mark.parametrize("reused", [False, True])
+def test_a_connection_opened_within_a_send_waits_no_longer_than_its_deadline(
+    reused: bool,
+) -> None:
+    """The first connection, or a new one after the reused one turned out gone: its
+    handshake gets the time left too (with its own timeouts, a relay slow to answer EHLO held
+    the chunk for up to a minute a step, past its lease)."""
+    with ScriptedSMTPServer() as server:
+        session = SMTPSession(relay(server))
+        if reused:
+            assert summary(session.send(outgoing(A)))[0][1] == 250
+            server.reply("MAIL", "421 4.3.2 Shutting down", times=1)  # stale: a new connection
+        server.reply("EHLO", "250-relay.example.org\r\n250 PIPELINING", delay=1.5, times=1)
+        began = time.monotonic()
+        result = session.send(outgoing(B), deadline=began + 0.3)
+        assert time.monotonic() - began < 1.2
+        [(address, code, phase)] = summary(result)
+        assert (address, code, phase) == (B, None, Phase.EHLO)
+        assert "timed out" in result.results[0].reply.text
+        assert summary(session.send(outgoing(C))) == [(C, 250, Phase.DOT)]  # no deadline now
+
+
 def test_a_past_deadline_does_not_shorten_later_commands() -> None:
     """The socket's timeout set for a send's deadline is not left for what comes after it."""
     with ScriptedSMTPServer() as server:

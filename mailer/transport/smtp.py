@@ -10,8 +10,8 @@ reply and the phase it came in (replies.classify judges). It retries a transacti
 nothing can have been accepted yet: once on a fresh connection when a reused one turns out
 stale at MAIL, once in lockstep when a pipelined envelope goes unanswered, and once when an
 envelope sent behind a message does; never past the caller's deadline, by which every reply
-of the transaction must have come (a chunk's lease must not run out while it waits). A
-reconnection within a send, and the handshake after it, keep their own timeouts.
+of the transaction must have come, those of a connection opened within the send (connect,
+EHLO, STARTTLS, AUTH) included: a chunk's lease must not run out while it waits.
 """
 
 from __future__ import annotations
@@ -349,14 +349,19 @@ class SMTPSession:
     def _limit(self, smtp: smtplib.SMTP, seconds: float) -> None:
         """The socket's timeout for the next wait: `seconds`, or less, so that no reply is
         awaited past the send's deadline (unchanged, it costs no system call)."""
+        seconds = self._within(seconds)
+        sock = smtp.sock
+        if sock is not None and sock.gettimeout() != seconds:
+            sock.settimeout(seconds)  # a system call: only when it changes
+
+    def _within(self, seconds: float) -> float:
+        """`seconds`, or the time left before the send's deadline if that is shorter."""
         if self._deadline is not None:
             left = self._deadline - time.monotonic()
             if left < seconds:
                 seconds = left
             seconds = max(0.001, seconds)
-        sock = smtp.sock
-        if sock is not None and sock.gettimeout() != seconds:
-            sock.settimeout(seconds)  # a system call: only when it changes
+        return seconds
 
     def _rset(self, smtp: smtplib.SMTP) -> None:
         try:
@@ -415,7 +420,7 @@ class SMTPSession:
             self._abort()  # a command now would be read as that transaction's message
         smtp = self._smtp
         if smtp is not None and self._idle():
-            _timeout(smtp, self.config.command_timeout)  # not a past transaction's deadline
+            self._limit(smtp, self.config.command_timeout)  # in a send, its time left
             try:
                 code, _ = smtp.noop()
             except (smtplib.SMTPException, OSError):
@@ -472,23 +477,27 @@ class SMTPSession:
                     cfg.host,
                     cfg.port,
                     local_hostname=name,
-                    timeout=cfg.connect_timeout,
+                    timeout=self._within(cfg.connect_timeout),
                     context=self._ssl(),
                 )
                 if cfg.tls == "implicit"
-                else smtplib.SMTP(cfg.host, cfg.port, name, cfg.connect_timeout)
+                else smtplib.SMTP(cfg.host, cfg.port, name, self._within(cfg.connect_timeout))
             )
         say("connect", f"{cfg.host}:{cfg.port} connected")
         if cfg.tls == "implicit":
             say("tls", _cipher(smtp))
-        _timeout(smtp, cfg.command_timeout)
         return smtp
 
     def _handshake(self, smtp: smtplib.SMTP, say: Report) -> None:
+        """EHLO, STARTTLS and AUTH as configured; in a send, each step in the time left."""
+        timeout = self.config.command_timeout
+        self._limit(smtp, timeout)
         self._ehlo(smtp, say)
         if self.config.tls in ("starttls", "opportunistic"):
+            self._limit(smtp, timeout)
             self._starttls(smtp, say)
         if self.config.username:
+            self._limit(smtp, timeout)
             self._login(smtp, say)
         else:
             say("auth", "skipped: no user in the relay URL")
@@ -520,6 +529,7 @@ class SMTPSession:
         with _phase(Phase.TLS):
             code, _ = smtp.starttls(context=self._ssl())
         say("starttls", f"{code} {_cipher(smtp)}")
+        self._limit(smtp, self.config.command_timeout)
         self._ehlo(smtp, say)
 
     def _login(self, smtp: smtplib.SMTP, say: Report) -> None:
