@@ -45,9 +45,9 @@ def drain(chunks: int) -> None:
 
 def count(env: dict[str, str], pg_url: str, schema: str, chunks: int, total: int) -> int:
     """Instructions of a process that drains `chunks` chunks of a fresh campaign."""
-    from run import pg_execute
+    from run import fresh_schema
 
-    pg_execute(pg_url, f"DROP SCHEMA IF EXISTS {schema} CASCADE", f"CREATE SCHEMA {schema}")
+    env = dict(env, MAILER_DATABASE_URL=fresh_schema(pg_url, schema))
     for step in (["setup"], ["campaign", str(total)]):
         subprocess.run(
             [sys.executable, str(BENCH / "produce.py"), *step],
@@ -96,19 +96,18 @@ def main() -> int:
         raise SystemExit("valgrind is not installed (apt-get install valgrind)")
     if args.long <= args.short:
         raise SystemExit("--long must be more chunks than --short")
+    import content
     import infra
     from run import pg_execute
 
     work = Path(tempfile.mkdtemp(prefix="mailer-instructions-"))
     sink = infra.Sink(work)
     try:
-        sep = "&" if "?" in args.pg_url else "?"
         env = dict(
             os.environ,
-            MAILER_DATABASE_URL=f"{args.pg_url}{sep}options=-csearch_path%3D{args.pg_schema}",
             MAILER_BROKER_URL="memory://",  # the campaign's wake-ups are not needed
             MAILER_SMTP_URL=sink.url,
-            MAILER_FROM="news@bench.example.com",
+            MAILER_FROM=content.SENDER,
             MAILER_LOG_LEVEL="WARNING",
             PYTHONHASHSEED="0",  # the same dict and set layouts in both counts
         )

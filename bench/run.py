@@ -435,10 +435,14 @@ def fresh_database(b: Bench, kind: str, d: Path) -> str:
         return f"sqlite:///{d / 'mailer.db'}"
     if b.pg_url is None:
         raise BenchError(f"PostgreSQL unavailable: {b.pg_note}")
-    schema = b.args.pg_schema
-    pg_execute(b.pg_url, f"DROP SCHEMA IF EXISTS {schema} CASCADE", f"CREATE SCHEMA {schema}")
-    sep = "&" if "?" in b.pg_url else "?"
-    return f"{b.pg_url}{sep}options=-csearch_path%3D{b.args.pg_schema}"
+    return fresh_schema(b.pg_url, b.args.pg_schema)
+
+
+def fresh_schema(pg_url: str, schema: str) -> str:
+    """An empty PostgreSQL schema (dropped first if it exists), and the URL that uses it."""
+    pg_execute(pg_url, f"DROP SCHEMA IF EXISTS {schema} CASCADE", f"CREATE SCHEMA {schema}")
+    sep = "&" if "?" in pg_url else "?"
+    return f"{pg_url}{sep}options=-csearch_path%3D{schema}"
 
 
 def start_mailer_worker(b: Bench, env: dict[str, str], d: Path, concurrency: int) -> Any:

@@ -272,8 +272,7 @@ class SMTPSession:
     def _replies(self, smtp: smtplib.SMTP, commands: list[bytes]) -> Iterator[SMTPReply]:
         """Lockstep: each envelope command sent once the reply before it is read, and only
         while the transaction can go on (the caller stops asking)."""
-        phases = [Phase.MAIL] + [Phase.RCPT] * (len(commands) - 2) + [Phase.DATA]
-        for phase, command in zip(phases, commands, strict=True):
+        for phase, command in zip(_phases(len(commands)), commands, strict=True):
             yield self._ask(smtp, phase, command)
 
     def _pipelined_replies(self, smtp: smtplib.SMTP, count: int) -> Iterator[SMTPReply]:
@@ -283,8 +282,7 @@ class SMTPSession:
         replies: list[SMTPReply] = []
         phase = Phase.MAIL
         try:
-            for n in range(count):
-                phase = Phase.MAIL if n == 0 else Phase.DATA if n == count - 1 else Phase.RCPT
+            for phase in _phases(count):
                 self._limit(smtp, self.config.command_timeout)
                 reply = _read(smtp, _envelope_replies)
                 if _closes(reply):
@@ -294,10 +292,9 @@ class SMTPSession:
             return itertools.chain(replies, _raise(_failure(exc, phase)))
         return iter(replies)
 
-    def _ask(self, smtp: smtplib.SMTP, phase: Phase, command: bytes | None) -> SMTPReply:
+    def _ask(self, smtp: smtplib.SMTP, phase: Phase, command: bytes) -> SMTPReply:
         with _phase(phase):
-            if command is not None:
-                smtp.send(command + _CRLF)
+            smtp.send(command + _CRLF)
             self._limit(smtp, self.config.command_timeout)  # each reply: the time left
             reply = _read(smtp, _envelope_replies)
         if _closes(reply):
@@ -352,7 +349,7 @@ class SMTPSession:
         seconds = self._within(seconds)
         sock = smtp.sock
         if sock is not None and sock.gettimeout() != seconds:
-            sock.settimeout(seconds)  # a system call: only when it changes
+            sock.settimeout(seconds)  # a system call (ioctl) each time: only when it changes
 
     def _within(self, seconds: float) -> float:
         """`seconds`, or the time left before the send's deadline if that is shorter."""
@@ -489,20 +486,17 @@ class SMTPSession:
         return smtp
 
     def _handshake(self, smtp: smtplib.SMTP, say: Report) -> None:
-        """EHLO, STARTTLS and AUTH as configured; in a send, each step in the time left."""
-        timeout = self.config.command_timeout
-        self._limit(smtp, timeout)
+        """EHLO, STARTTLS and AUTH as configured; in a send, each step waits the time left."""
         self._ehlo(smtp, say)
         if self.config.tls in ("starttls", "opportunistic"):
-            self._limit(smtp, timeout)
             self._starttls(smtp, say)
         if self.config.username:
-            self._limit(smtp, timeout)
             self._login(smtp, say)
         else:
             say("auth", "skipped: no user in the relay URL")
 
     def _ehlo(self, smtp: smtplib.SMTP, say: Report) -> None:
+        self._limit(smtp, self.config.command_timeout)
         with _phase(Phase.EHLO):
             code, text = smtp.ehlo()
             if code >= ReplyCode.SYNTAX_ERROR:  # not ESMTP (a 421 is not answered by HELO)
@@ -526,10 +520,10 @@ class SMTPSession:
                 )
             say("starttls", "not offered by the server; continuing without TLS (opportunistic)")
             return
+        self._limit(smtp, self.config.command_timeout)
         with _phase(Phase.TLS):
             code, _ = smtp.starttls(context=self._ssl())
         say("starttls", f"{code} {_cipher(smtp)}")
-        self._limit(smtp, self.config.command_timeout)
         self._ehlo(smtp, say)
 
     def _login(self, smtp: smtplib.SMTP, say: Report) -> None:
@@ -545,6 +539,7 @@ class SMTPSession:
         mechanism = _mechanism(smtp)
         smtp.user, smtp.password = cfg.username or "", cfg.password or ""
         authenticate = getattr(smtp, "auth_" + mechanism.lower().replace("-", "_"))
+        self._limit(smtp, cfg.command_timeout)
         try:
             with _phase(Phase.AUTH):
                 code, _ = smtp.auth(mechanism, authenticate)
@@ -578,7 +573,7 @@ class SMTPSession:
     def _command(self, run: Callable[[smtplib.SMTP], tuple[int, bytes]]) -> SMTPReply:
         try:
             smtp, _ = self._ready()
-            _timeout(smtp, self.config.command_timeout)  # not a past transaction's deadline
+            self._limit(smtp, self.config.command_timeout)  # outside a send: no deadline
             with _phase(Phase.CONNECT):
                 reply = SMTPReply.of(*run(smtp))
         except _Failed as failed:
@@ -803,11 +798,10 @@ def _peer_closed(smtp: smtplib.SMTP) -> bool:
         return True
 
 
-def _timeout(smtp: smtplib.SMTP, seconds: float) -> None:
-    # settimeout costs a system call every time (ioctl FIONBIO); reading the timeout costs none
-    sock = smtp.sock
-    if sock is not None and sock.gettimeout() != seconds:
-        sock.settimeout(seconds)
+@functools.cache  # a few sizes (a transaction has at most delivery.MAX_RECIPIENTS), every message
+def _phases(commands: int) -> tuple[Phase, ...]:
+    """The phase of each command of an envelope: MAIL, RCPT..., DATA."""
+    return (Phase.MAIL, *[Phase.RCPT] * (commands - 2), Phase.DATA)
 
 
 def _raise(failure: _Failed) -> Iterator[SMTPReply]:
