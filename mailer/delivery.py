@@ -246,11 +246,14 @@ def _in_step(
     composed: dict[int, Outgoing | str] = {}
 
     def compose(index: int) -> Outgoing | str | None:
-        if index >= len(groups) or over():
+        if index >= len(groups):
             return None
-        if index not in composed:
-            composed[index] = _composed(groups[index])
-        return composed[index]
+        found = composed.get(index)
+        if found is None:
+            if over():
+                return None
+            found = composed[index] = _composed(groups[index])
+        return found
 
     width = max(1, min(len(sessions), len(groups)))
     Results = dict[int, tuple[list[_Work], list[Verdict] | None]]
@@ -483,10 +486,10 @@ def _attempt(
             batches += [tuple(again[: len(again) // 2]), tuple(again[len(again) // 2 :])]
         elif again:  # the server took some: the rest go in a new transaction at once
             batches.append(tuple(again))
-        if any(v.klass.relay_wide for v in verdicts):
+        if batches and any(v.klass.relay_wide for v in verdicts):
             break
-    decided = {v.recipient for v in verdicts}
-    if len(decided) < len(group):
+    if len(verdicts) < len(group):  # (one verdict a recipient at most)
+        decided = {v.recipient for v in verdicts}
         # the relay failed while a too-many-recipients split was under way: the recipients not
         # yet tried share that failure (relay-wide: no attempt spent)
         failure = next(v for v in verdicts if v.klass.relay_wide)
@@ -534,7 +537,7 @@ def _compose(group: list[_Work]) -> Outgoing:
         headers=headers,
         smtputf8=smtputf8,
     )
-    return Outgoing(message.from_addr, recipients, data, smtputf8)
+    return Outgoing(message.from_addr, recipients, data, smtputf8, crlf_only=True)
 
 
 def _hand_back(rest: list[_Work], stopped: list[ReplyClass], lease: datetime, s: Settings) -> None:

@@ -407,6 +407,36 @@ def test_compose_never_writes_a_decoded_line_break(word: str) -> None:
         )
 
 
+# every character that some reader takes for a line break, alone and in runs
+BREAKS = ["\r", "\n", "\r\n", "\n\r", "\r\r\n", "\x0b", "\x0c", "\x85", "\u2028", "\u2029"]
+
+
+@pytest.mark.parametrize("brk", BREAKS)
+@pytest.mark.parametrize("html", [None, "<p>a{brk}b</p>{brk}"])
+def test_composed_messages_have_crlf_line_ends_only(brk: str, html: str | None) -> None:
+    """The worker's messages go to the SMTP transport vouched for as CRLF-only
+    (Outgoing.crlf_only), which then skips its own check for a bare CR or LF: whatever the
+    input, compose.build must write no other line end, folded headers and encoded bodies
+    included."""
+    long_word = "Grüße" * 30  # folded, and RFC 2047-encoded
+    rendered = templates.Rendered(
+        subject=f"{long_word} x",  # a line break there is refused (the tests above)
+        text=f"{brk}.dot{brk}{'z' * 1200}{brk}é{brk}{brk}end{brk}",
+        html=html.format(brk=brk) if html else None,
+    )
+    for smtputf8 in (False, True):
+        data = compose.build(
+            rendered,
+            from_addr="news@example.com",
+            to=["a@example.com"],
+            msg_id="<1@example.com>",
+            date=now(),
+            headers={"X-Long": long_word, "List-Unsubscribe": "<https://e.example/u/1>"},
+            smtputf8=smtputf8,
+        )
+        assert data.count(b"\r") == data.count(b"\n") == data.count(b"\r\n")
+
+
 def test_ordinary_encoded_words_still_go_out(sqlite_db: str) -> None:
     add_template()
     mailer.send(template="welcome", to="a@example.com", context={"name": "=?utf-8?q?Ren=C3=A9e?="})

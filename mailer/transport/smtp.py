@@ -43,6 +43,7 @@ Report = Callable[[str, str], None]
 _CRLF = b"\r\n"
 _EOL = re.compile(rb"\r\n|\r(?!\n)|\n")
 _LEADING_DOT = re.compile(rb"(?m)^\.")
+_DOT_AFTER_LF = re.compile(rb"\n\.")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 _NOT_IN_ADDRESS = re.compile(r"[\x00-\x1f\x7f<>]")  # in an envelope address
 # the phases in which a lost connection or a refusal means the server accepted nothing yet
@@ -213,8 +214,9 @@ class SMTPSession:
     ) -> None:
         """Run one transaction, filling `decided` as replies come in (raises _Failed)."""
         announced, self._announced = self._announced, None
-        self._limit(smtp, self.config.command_timeout)
         envelope = announced or self._envelope(out)
+        if announced is None:  # a command goes out first (each reply then sets its own wait)
+            self._limit(smtp, self.config.command_timeout)
         replies: Iterator[SMTPReply]
         if pipelined:
             if announced is None:
@@ -248,7 +250,8 @@ class SMTPSession:
     def _envelope(self, out: Outgoing) -> _Envelope:
         """The transaction's commands for the connected server (its `_features`; raises
         _Failed at Phase.LOCAL for what it would refuse)."""
-        message = _crlf_only(out.data)  # a bare CR or LF is never sent (SMTP smuggling)
+        # a bare CR or LF is never sent (SMTP smuggling)
+        message = out.data if out.crlf_only else _crlf_only(out.data)
         options = self._mail_options(out, len(message))
         encoding = "utf-8" if "SMTPUTF8" in options else "ascii"
         commands = [line.encode(encoding) for line in _envelope(out, options)]
@@ -281,10 +284,12 @@ class SMTPSession:
         is raised where the caller reaches it, after the replies before it, as _ask would."""
         replies: list[SMTPReply] = []
         phase = Phase.MAIL
+        buffered = False  # whether the next reply is in smtplib's buffer already (no wait)
         try:
             for phase in _phases(count):
-                self._limit(smtp, self.config.command_timeout)
-                reply = _read(smtp, _envelope_replies)
+                if not buffered:
+                    self._limit(smtp, self.config.command_timeout)
+                reply, buffered = _read(smtp, _envelope_replies)
                 if _closes(reply):
                     return itertools.chain(replies, _raise(_Failed(reply, phase)))
                 replies.append(reply)
@@ -296,7 +301,7 @@ class SMTPSession:
         with _phase(phase):
             smtp.send(command + _CRLF)
             self._limit(smtp, self.config.command_timeout)  # each reply: the time left
-            reply = _read(smtp, _envelope_replies)
+            reply, _ = _read(smtp, _envelope_replies)
         if _closes(reply):
             raise _Failed(reply, phase)
         return reply
@@ -336,8 +341,7 @@ class SMTPSession:
                 log.exception("relay %s: work done while waiting for a reply failed", self.name)
         with _phase(Phase.DOT):
             self._limit(smtp, self.config.data_timeout)
-            final = _read(smtp)
-            self._limit(smtp, self.config.command_timeout)  # RSET, QUIT
+            final, _ = _read(smtp)
         for recipient in accepted:
             decided[recipient] = RecipientResult(recipient, final, Phase.DOT)
         if _closes(final):
@@ -700,35 +704,44 @@ def _retry_reason(failed: _Failed, reused: bool, pipelined: bool, announced: boo
 
 
 # A server answers MAIL, RCPT and DATA with the same few lines message after message: each is
-# parsed once per process (a bounded number of them; a server that echoes the address in every
-# reply fills the table once, then its replies are parsed each time).
-_envelope_replies: dict[tuple[int, bytes], SMTPReply] = {}
+# parsed once per process, then found by the line as read (a bounded number of them; a server
+# that echoes the address in every reply fills the table once, then its replies are parsed
+# each time).
+_envelope_replies: dict[bytes, SMTPReply] = {}
 _ENVELOPE_REPLIES_KEPT = 256
 
 
-def _read(smtp: smtplib.SMTP, seen: dict[tuple[int, bytes], SMTPReply] | None = None) -> SMTPReply:
-    code, text = _getreply(smtp)
-    if seen is not None and (reply := seen.get((code, text))) is not None:
-        return reply
+def _read(smtp: smtplib.SMTP, seen: dict[bytes, SMTPReply] | None = None) -> tuple[SMTPReply, bool]:
+    """The next reply, and whether the one after it is already buffered whole: a complete line
+    that ends its reply, which getreply reads without a wait whatever it says (so reading it
+    needs no timeout of its own).
+
+    smtplib's getreply, except for the usual reply (one line, already buffered), which is read
+    straight from smtplib's own buffer as getreply would read it: 99 -> 87-89 us of user CPU
+    a message."""
+    file = smtp.file
+    if file is not None:
+        buffered = file.peek()
+        end = buffered.find(b"\n", 0, _MAXLINE)
+        if end > 2 and buffered[3:4] != b"-" and buffered[:3].isdigit():
+            line = file.read(end + 1)
+            following = buffered.find(b"\n", end + 1, end + 1 + _MAXLINE)
+            whole = following > end + 4 and buffered[end + 4 : end + 5] != b"-"
+            if seen is not None and (reply := seen.get(line)) is not None:
+                return reply, whole
+            reply = _reply(int(line[:3]), line[4:].strip(b" \t\r\n"))
+            if seen is not None and len(seen) < _ENVELOPE_REPLIES_KEPT:
+                seen[line] = reply  # a tuple: safe to share between sessions and threads
+            return reply, whole
+    code, text = smtp.getreply()
+    return _reply(code, text), False
+
+
+def _reply(code: int, text: bytes) -> SMTPReply:
     if code // 100 not in _REPLY_DIGITS:
         # a garbled reply: the dialogue is out of step and the session cannot go on
         raise smtplib.SMTPServerDisconnected(f"unreadable reply {text[:80]!r}")
-    reply = SMTPReply.of(code, text)
-    if seen is not None and len(seen) < _ENVELOPE_REPLIES_KEPT:
-        seen[(code, text)] = reply  # frozen: safe to share between sessions and threads
-    return reply
-
-
-def _getreply(smtp: smtplib.SMTP) -> tuple[int, bytes]:
-    """smtplib's getreply, with the usual reply (one line, already buffered) parsed straight
-    from smtplib's own buffer, as getreply would: 99 -> 87-89 us of user CPU a message."""
-    if smtp.file is not None:
-        buffered = smtp.file.peek()
-        end = buffered.find(b"\n", 0, _MAXLINE)
-        if end > 2 and buffered[3:4] != b"-" and buffered[:3].isdigit():
-            line = smtp.file.read(end + 1)
-            return int(line[:3]), line[4:].strip(b" \t\r\n")
-    return smtp.getreply()
+    return SMTPReply.of(code, text)
 
 
 def _envelope(out: Outgoing, options: list[str]) -> list[str]:
@@ -745,7 +758,9 @@ def _crlf_only(data: bytes) -> bytes:
 
 
 def _dot_stuffed(message: bytes) -> bytes:
-    if message.startswith(b".") or b"\r\n." in message:
+    # (CRLF line ends only here) the regular expression finds a line's leading dot in 0.6 us
+    # of a 2 KB message, `in` in 1.4
+    if message.startswith(b".") or _DOT_AFTER_LF.search(message):
         message = _LEADING_DOT.sub(b"..", message)
     return message if message.endswith(_CRLF) else message + _CRLF
 
