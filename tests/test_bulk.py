@@ -5,10 +5,13 @@ from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
 
-from sqlalchemy import select
+import pytest
+from sqlalchemy import select, text
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
 
 from mailer import bulk, db
-from mailer.models import Campaign, Delivery, DeliveryState, Message, Priority, Template
+from mailer.models import Attempt, Campaign, Delivery, DeliveryState, Message, Priority, Template
 
 NOW = datetime(2026, 11, 28, 12, 30, 15, 123456, tzinfo=UTC)
 
@@ -124,3 +127,64 @@ def test_constant_values_are_written_to_every_row_nulls_included(any_db: str) ->
         for d in stored:
             assert (d.message_id, d.state, d.next_attempt_at) == (message_id, "suppressed", NOW)
             assert d.context is None and d.last_reply is None and d.published_at is None
+
+
+def _attempt(delivery_id: int) -> dict[str, object]:
+    return {
+        "delivery_id": delivery_id,
+        "started_at": NOW,
+        "finished_at": NOW,
+        "phase": "dot",
+        "code": 250,
+        "enhanced": "2.0.0",
+        "reply": "2.0.0 ok",
+        "outcome": "delivered",
+        "relay": "r",
+        "tls": False,
+    }
+
+
+def test_a_refused_copy_raises_as_a_statement_would(pg_db: str) -> None:
+    """Attempts go by COPY on PostgreSQL: its errors come out as SQLAlchemy's, and nothing of
+    the batch is written."""
+    message_id = _message()
+    with db.session_scope() as session:
+        bulk.insert_rows(session, Delivery, [_row(message_id, 0, None)])
+        delivery_id = session.scalars(select(Delivery.id)).one()
+    refused = pytest.raises(IntegrityError, match="fk_attempts_delivery_id_deliveries")
+    with refused, db.session_scope() as session:
+        bulk.insert_rows(session, Attempt, [_attempt(delivery_id), _attempt(10**9)])
+    with db.session_scope() as session:
+        assert session.scalars(select(Attempt)).all() == []
+        assert bulk.insert_rows(session, Attempt, [_attempt(delivery_id)] * 2) == 2
+    with db.session_scope() as session:
+        [first, _] = session.scalars(select(Attempt).order_by(Attempt.id)).all()
+        assert (first.delivery_id, first.started_at, first.code, first.tls) == (
+            delivery_id,
+            NOW,
+            250,
+            False,
+        )
+
+
+def test_a_copy_on_a_lost_connection_is_retried_on_a_new_one(pg_db: str) -> None:
+    """A connection lost under a COPY does not lose the batch: db.retrying's next try, on a
+    new connection, writes it (once)."""
+    message_id = _message()
+    with db.session_scope() as session:
+        bulk.insert_rows(session, Delivery, [_row(message_id, 0, None)])
+        delivery_id = session.scalars(select(Delivery.id)).one()
+    tries: list[int] = []
+
+    def write(session: Session) -> int:
+        tries.append(1)
+        if len(tries) == 1:  # the server ends this connection (as a restart would)
+            pid = session.scalar(text("SELECT pg_backend_pid()"))
+            with db.session_scope() as other:
+                other.execute(text("SELECT pg_terminate_backend(:pid, 10000)"), {"pid": pid})
+        return bulk.insert_rows(session, Attempt, [_attempt(delivery_id)])
+
+    assert db.retrying(write, what="writing attempts", budget=30) == 1
+    assert len(tries) == 2
+    with db.session_scope() as session:
+        assert len(session.scalars(select(Attempt)).all()) == 1
