@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import email
 import email.policy
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta, timezone
+from email.utils import format_datetime
 
 import pytest
 
 from mailer import compose
+from mailer.errors import HeaderInjection, InputError
 from mailer.templates import Rendered
 
 DATE = datetime(2026, 11, 28, 12, 0, tzinfo=UTC)
@@ -131,3 +133,25 @@ def test_a_part_holding_the_boundary_gets_another_one() -> None:
     assert msg.get_boundary() != compose._BOUNDARY
     plain = msg.get_body(("plain",))
     assert plain is not None and plain.get_content().replace("\r\n", "\n") == text
+
+
+def test_the_date_is_its_whole_second() -> None:
+    # compose._date keeps the last second formatted: what it gives is the second's own string
+    zones = [UTC, timezone(timedelta(hours=2)), timezone(timedelta(microseconds=1)), None]
+    starts = [DATE, datetime(1969, 12, 31, 23, 59, 58, tzinfo=UTC)]
+    for start in starts:
+        for zone in zones:
+            for step in range(0, 3_000_000, 250_000):
+                date = (start + timedelta(microseconds=step)).replace(tzinfo=zone)
+                second = datetime.fromtimestamp(int(date.timestamp()), zone)
+                assert compose._date(date) == format_datetime(second), date
+
+
+def test_a_bad_header_name_is_refused_after_good_ones() -> None:
+    compose.check_extra_headers({"X-A": "1", "List-Unsubscribe": "<https://example.com/u>"})
+    for _ in range(2):
+        for name in ("Subject", "subject", "bad name", "X:Y", ""):
+            with pytest.raises(InputError):
+                compose.check_extra_headers({"X-A": "1", name: "v"})
+    with pytest.raises(HeaderInjection):
+        compose.check_extra_headers({"X-A": "1\r\nBcc: x@example.com"})

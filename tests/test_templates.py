@@ -129,3 +129,11 @@ def test_a_failure_in_one_pass_names_its_part(
     with pytest.raises(TemplateError, match=part):
         one_pass(compiled, headers, {})
     assert joined(compiled)
+
+
+@pytest.mark.parametrize("value", ["a\0b", "\0", "\0\0"])
+def test_a_separator_in_the_output_renders_the_parts_apart(value: str) -> None:
+    for html in (None, "<p>{{ name }}</p>"):
+        compiled = templates.compile_parts("t", "s {{ name }}", "{{ name }}\n", html)
+        context = {**CONTEXT, "name": value}
+        assert compiled.render(context) == compiled.render_parts(context)
