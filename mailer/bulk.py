@@ -148,8 +148,11 @@ def _copy(
     session: Session, table: Table, names: tuple[str, ...], values: Iterable[tuple[Any, ...]]
 ) -> int:
     """COPY the rows (`names`' values, in order) into `table` in the binary format; returns
-    how many were written. psycopg's errors come out as SQLAlchemy's, as from a statement
-    (db.retrying retries an OperationalError; a lost connection is invalidated)."""
+    how many were written. The values go to psycopg as they are, without SQLAlchemy's type
+    processing (aware datetimes, plain values), and every row must have every key. psycopg's
+    errors come out as SQLAlchemy's, as from a statement: db.retrying retries an
+    OperationalError, and the session's rollback then finds a lost connection and has the
+    pool drop it (and those opened before it) as for any statement."""
     connection = session.connection()
     raw = connection.connection.dbapi_connection
     assert isinstance(raw, psycopg.Connection)
@@ -163,9 +166,10 @@ def _copy(
                     copy.write_row(row)
             return cursor.rowcount
     except psycopg.Error as exc:
+        # the types are read again on the next try: a column's type changed by a migration
+        # while the worker runs made every COPY on this connection fail, for good
+        _types.pop(raw, None)
         lost = connection.dialect.is_disconnect(exc, raw, None)
-        if lost:
-            connection.invalidate(exc)
         raise DBAPIError.instance(
             sql, None, exc, psycopg.Error, connection_invalidated=lost, dialect=connection.dialect
         ) from exc

@@ -188,3 +188,28 @@ def test_a_copy_on_a_lost_connection_is_retried_on_a_new_one(pg_db: str) -> None
     assert len(tries) == 2
     with db.session_scope() as session:
         assert len(session.scalars(select(Attempt)).all()) == 1
+
+
+def test_a_copy_after_a_column_changed_type_is_retried_with_the_new_type(pg_db: str) -> None:
+    """Binary COPY sends values typed as the columns were when first read on a connection: a
+    migration that widens one while the worker runs must not make every later write fail
+    (sent mail unrecorded is sent again)."""
+    message_id = _message()
+    with db.session_scope() as session:
+        bulk.insert_rows(session, Delivery, [_row(message_id, 0, None)])
+        delivery_id = session.scalars(select(Delivery.id)).one()
+        bulk.insert_rows(session, Attempt, [_attempt(delivery_id)])  # the types read
+    try:
+        with db.session_scope() as other:
+            other.execute(text("ALTER TABLE attempts ALTER COLUMN code TYPE bigint"))
+        written = db.retrying(
+            lambda session: bulk.insert_rows(session, Attempt, [_attempt(delivery_id)]),
+            what="writing attempts",
+            budget=10,
+        )
+        assert written == 1
+        with db.session_scope() as session:
+            assert [a.code for a in session.scalars(select(Attempt))] == [250, 250]
+    finally:
+        with db.session_scope() as other:
+            other.execute(text("ALTER TABLE attempts ALTER COLUMN code TYPE integer"))
