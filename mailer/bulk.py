@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import functools
 import json
-import operator
 import weakref
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from datetime import UTC, datetime
@@ -90,15 +89,9 @@ def insert_rows(
     constant = constant or {}
     if postgresql(session):
         if not ignore_conflicts:
-            pick = operator.itemgetter(*columns)
             extra = tuple(constant.values())
-            values = ((*pick(row), *extra) for row in rows) if len(columns) > 1 else None
-            return _copy(
-                session,
-                table,
-                columns + tuple(constant),
-                values or ((row[columns[0]], *extra) for row in rows),
-            )
+            values = (tuple(map(row.__getitem__, columns)) + extra for row in rows)
+            return _copy(session, table, columns + tuple(constant), values)
         # the constant values travel once, as parameters, not in every row of the document
         statement = _pg_insert(table, columns, tuple(constant), ignore_conflicts)
         params = {"rows": _json(rows), **{f"k_{c}": v for c, v in constant.items()}}

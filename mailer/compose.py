@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import binascii
 import email.policy
-import functools
 import re
 import secrets
 from collections.abc import Mapping, Sequence
@@ -122,43 +121,26 @@ def build(
         check_header("To", address)
     check_extra_headers(headers)
     policy = _POLICY_UTF8 if smtputf8 else _POLICY
-    to_line = ", ".join(to)
-    subject = rendered.subject
-    date_line = _date(date)
-    # the fields as _field writes them, without a call a field where every value is ASCII and
-    # short (len(name) + len(value) < _SHORT_LINE): the bench's head, 21,700 -> 9,600
-    # instructions
-    if (
-        len(from_addr) < 72
-        and len(to_line) < 74
-        and len(subject) < 69
-        and len(date_line) < 72
-        and len(msg_id) < 66
-        and from_addr.isascii()
-        and to_line.isascii()
-        and subject.isascii()
-        and date_line.isascii()
-        and msg_id.isascii()
-    ):
-        lines = [
-            f"From: {from_addr}\r\nTo: {to_line}\r\nSubject: {subject}\r\n"
-            f"Date: {date_line}\r\nMessage-ID: {msg_id}\r\n"
+    fields = (
+        ("From", from_addr),
+        ("To", ", ".join(to)),
+        ("Subject", rendered.subject),
+        ("Date", _date(date)),
+        ("Message-ID", msg_id),
+        *headers.items(),
+    )
+    # a value that is ASCII and short goes out as it is, without a call (the rule written out
+    # for each standard field, with its own length limit, made a build 0.5 us faster: 3.0
+    # against 3.45 us; one rule for every field is worth that)
+    head = "".join(
+        [
+            f"{name}: {value}\r\n"
+            if value.isascii() and len(name) + len(value) < _SHORT_LINE
+            else _folded(name, value, policy)
+            for name, value in fields
         ]
-    else:
-        lines = [
-            _field("From", from_addr, policy),
-            _field("To", to_line, policy),
-            _field("Subject", subject, policy),
-            _field("Date", date_line, policy),
-            _field("Message-ID", msg_id, policy),
-        ]
-    for name, value in headers.items():
-        if value.isascii() and len(name) + len(value) < _SHORT_LINE:
-            lines.append(f"{name}: {value}\r\n")
-        else:
-            lines.append(_field(name, value, policy))
-    lines.append("MIME-Version: 1.0\r\n")
-    head = "".join(lines)
+    )
+    head += "MIME-Version: 1.0\r\n"
     text = _part(rendered.text, "plain")
     if rendered.html is None:
         return b"".join((head.encode(), *text))
@@ -194,11 +176,6 @@ def _delimiters(boundary: str) -> tuple[bytes, bytes, bytes]:
 _DELIMITERS = _delimiters(_BOUNDARY)
 
 
-@functools.lru_cache(maxsize=4)
-def _date_to_the_second(timestamp: int, zone: tzinfo | None) -> str:
-    return format_datetime(datetime.fromtimestamp(timestamp, zone))
-
-
 # the last second formatted, from its first instant to the next second's, for a UTC date
 _second: tuple[tzinfo | None, datetime, datetime, str] = (None, datetime.min, datetime.min, "")
 
@@ -213,16 +190,15 @@ def _date(date: datetime) -> str:
     if date.tzinfo is zone and start <= date < end:
         return text
     timestamp = int(date.timestamp())
-    text = _date_to_the_second(timestamp, date.tzinfo)
+    text = format_datetime(datetime.fromtimestamp(timestamp, date.tzinfo))
     if date.tzinfo is UTC and timestamp >= 0:
         start = datetime.fromtimestamp(timestamp, UTC)
         _second = (UTC, start, start + timedelta(seconds=1), text)
     return text
 
 
-def _field(name: str, value: str, policy: email.policy.EmailPolicy[Any]) -> str:
-    if value.isascii() and len(name) + len(value) < _SHORT_LINE:
-        return f"{name}: {value}\r\n"
+def _folded(name: str, value: str, policy: email.policy.EmailPolicy[Any]) -> str:
+    """A header field that is not ASCII or not short, as the email package writes it."""
     if policy.utf8 and len(name) + len(value) < _SHORT_LINE:
         return f"{name}: {value}\r\n"  # RFC 6532: UTF-8 headers as they are
     try:
