@@ -177,6 +177,13 @@ class Redis:
 # --- the sink -------------------------------------------------------------------------------------
 
 
+def postfix_tool(name: str) -> str | None:
+    """The path of one of Postfix's test programs (smtp-sink, smtp-source), which Debian's
+    `postfix` package installs in /usr/sbin, or None."""
+    path = shutil.which(name) or f"/usr/sbin/{name}"
+    return path if os.path.exists(path) else None
+
+
 class Sink:
     """A fast SMTP sink on loopback that accepts everything and advertises PIPELINING:
     Postfix's smtp-sink when installed, else bench/pysink.py. `count()` is the number of
@@ -185,9 +192,7 @@ class Sink:
     def __init__(self, workdir: Path, kind: str = "auto") -> None:
         self.port = free_port()
         self.out = workdir / "sink.out"
-        exe = shutil.which("smtp-sink") or (
-            "/usr/sbin/smtp-sink" if os.path.exists("/usr/sbin/smtp-sink") else None
-        )
+        exe = postfix_tool("smtp-sink")
         if kind == "auto":
             kind = "smtp-sink" if exe else "python"
         if kind == "smtp-sink":

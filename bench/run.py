@@ -18,6 +18,7 @@ import hashlib
 import json
 import os
 import platform
+import resource
 import shutil
 import statistics
 import subprocess
@@ -45,8 +46,9 @@ RATIOS = [
     *(
         (num, den)
         for num in ("mailer-pg", "mailer-sqlite")
-        for den in ("lockstep", "pipelined", "naive")
+        for den in ("lockstep", "pipelined", "smtp-source", "naive")
     ),
+    ("mailer-pg-lockstep", "lockstep"),
     ("mailer-pg-rtt20", "lockstep-rtt20"),
     ("mailer-pg-rtt20", "pipelined-rtt20"),
 ]
@@ -57,6 +59,10 @@ CASES: dict[str, str] = {
     "process end - common start).",
     "pipelined": "(f) ceiling: 2 processes, each one raw socket using PIPELINING as an MTA "
     "does (body + '.' + next MAIL/RCPT/DATA in one write: 1 round trip per message).",
+    "smtp-source": "(f) target 2b's reference, as the issue names it: Postfix's smtp-source "
+    "(C) -> smtp-sink, --source-sessions (4) sessions kept open (-d), the same ~2 KB message. "
+    "smtp-source does not pipeline (its man page: 'No SMTP command pipelining support'): it "
+    "is C in lockstep. msgs/s = N / smtp-source's whole run (start to exit).",
     "naive": "(c) naive Celery: one task per message, each renders the same template, opens a "
     "new SMTP connection, sendmail(), QUIT; Celery defaults, worker --pool prefork "
     "--concurrency 2 (already running); msgs/s = N / (first publish -> the sink counted N).",
@@ -65,6 +71,8 @@ CASES: dict[str, str] = {
     "(first attempt started -> last delivery's outcome committed, from the DB); the rate "
     "from worker spawn is given too.",
     "mailer-sqlite": "(d) the same on SQLite (a fresh WAL file per run).",
+    "mailer-pg-lockstep": "(d) mailer-pg with PIPELINING off (`?pipelining=off` on the relay "
+    "URL): every command waits for its reply, as the lockstep ceiling's do.",
     "enqueue-csv": "(e) enqueue from a file: `mailer campaign send` of a --csv-recipients row "
     "CSV into PostgreSQL and the broker, as a user runs it; rate = rows / the process's "
     "whole life (start-up, every row committed, every wake-up published); its peak RSS.",
@@ -263,6 +271,51 @@ def case_client(b: Bench, mode: str, port: int, total: int, processes: int) -> d
         "seconds": end - start,
         "sink_received": b.sink.count() - base,
         "per_process": results,
+    }
+
+
+def case_source(b: Bench, total: int, sessions: int) -> dict[str, Any]:
+    """Postfix's smtp-source: `sessions` sessions kept open (-d), `total` messages in all, each
+    the pre-built message (as a file of LF lines: smtp-source ends each line with CRLF and
+    dot-stuffs it). Timed over the whole program (start, connect, send, QUIT): a few ms more
+    than the raw clients' common start, which is not exposed by smtp-source."""
+    import content
+
+    exe = infra.postfix_tool("smtp-source")
+    if exe is None:
+        raise BenchError("smtp-source is not installed (apt-get install postfix)")
+    d = b.rundir("smtp-source")
+    message = d / "message.txt"
+    message.write_bytes(content.build_message().replace(b"\r\n", b"\n"))
+    argv = [exe, "-s", str(sessions), "-d", "-m", str(total), "-F", str(message)]
+    argv += ["-f", content.SENDER, "-t", content.recipient(0)["email"]]
+    argv.append(f"127.0.0.1:{b.sink.port}")
+    base = b.sink.count()
+    cpu0 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    t0 = now()
+    proc = PROCS.start(argv, log=d / "smtp-source.log")
+    try:
+        proc.wait(60 + total * 0.2)
+    except subprocess.TimeoutExpired:
+        raise BenchError(f"smtp-source did not finish: {tail(d / 'smtp-source.log')}") from None
+    finally:
+        PROCS.stop(proc, grace=1)
+    t1 = now()
+    cpu1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    if proc.returncode != 0:
+        raise BenchError(f"smtp-source exited {proc.returncode}: {tail(d / 'smtp-source.log')}")
+    infra.wait_for(lambda: b.sink.count() - base >= total, 5)
+    received = b.sink.count() - base
+    if received != total:
+        raise BenchError(f"smtp-source sent {total} messages, the sink counted {received}")
+    cpu = (cpu1.ru_utime + cpu1.ru_stime) - (cpu0.ru_utime + cpu0.ru_stime)
+    return {
+        "client_cpu_ms_per_msg": cpu * 1000 / total,
+        "msgs_per_s": total / (t1 - t0),
+        "messages": total,
+        "sessions": sessions,
+        "seconds": t1 - t0,
+        "sink_received": received,
     }
 
 
@@ -871,12 +924,19 @@ def summarize(
             notes = f"{m.get('messages', 0):.0f} msgs, {args.clients} client processes{via}"
             cpu = m.get("client_cpu_ms_per_msg")
             rows.append([case, fmt_rate(m.get("msgs_per_s")), _cpu(cpu), notes + bad])
+        elif case == "smtp-source":
+            sessions = args.source_sessions
+            notes = f"{m.get('messages', 0):.0f} msgs, {sessions} sessions, no PIPELINING"
+            cpu = m.get("client_cpu_ms_per_msg")
+            rows.append([case, fmt_rate(m.get("msgs_per_s")), _cpu(cpu), notes + bad])
         elif case == "naive":
             notes = f"{m.get('messages', 0):.0f} msgs, {conc}; worker RSS {_worker_rss(m)}{machine}"
             cpu = m.get("worker_cpu_ms_per_msg")
             rows.append([case, fmt_rate(m.get("msgs_per_s")), _cpu(cpu), notes + bad])
         elif case.startswith("mailer") or case == "txn-busy":
             how = f"{args.pool} -c {args.mailer_concurrency}"
+            if case == "mailer-pg-lockstep":
+                how += ", PIPELINING off"
             if case.endswith("rtt20"):
                 how = (
                     f"{args.pool} -c {args.rtt_concurrency}, "
@@ -1070,6 +1130,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="mailer worker processes (default: mailer's own default, the CPU count)",
     )
     p.add_argument("--clients", type=int, default=2, help="processes of the raw clients")
+    p.add_argument(
+        "--source-sessions",
+        type=int,
+        default=4,
+        help="smtp-source's sessions (the issue measured it with 4)",
+    )
     p.add_argument("--naive-recipients", type=int, default=3000)
     p.add_argument(
         "--csv-recipients", type=int, default=1_000_000, help="rows of the enqueue-csv file"
@@ -1159,9 +1225,13 @@ class CaseRunner:
             "pipelined-rtt20": lambda: case_client(
                 b, rtt_mode, b.delay_proxy().port, rtt_count, a.clients
             ),
+            "smtp-source": lambda: case_source(b, a.recipients, a.source_sessions),
             "naive": self._naive_run,
             "mailer-pg": lambda: case_mailer(b, case, "pg", b.sink.url, a.recipients),
             "mailer-sqlite": lambda: case_mailer(b, case, "sqlite", b.sink.url, a.recipients),
+            "mailer-pg-lockstep": lambda: case_mailer(
+                b, case, "pg", b.sink.url + "&pipelining=off", a.recipients
+            ),
             "enqueue-csv": lambda: case_enqueue_csv(b, a.csv_recipients),
             "txn-busy": lambda: case_mailer(b, case, "pg", b.sink.url, a.recipients, txn=True),
             "txn-idle": lambda: case_txn_idle(b),
@@ -1256,13 +1326,14 @@ def main(argv: list[str] | None = None) -> int:
         runners: dict[str, CaseRunner] = {}
         for case in args.cases:
             print(f"- {case}: {CASES[case]}", flush=True)
-            if case in ("mailer-pg", "txn-busy", "txn-idle", "mailer-pg-rtt20") and pg_url is None:
-                report["cases"][case] = {
-                    "description": CASES[case],
-                    "runs": [],
-                    "skipped": f"PostgreSQL unavailable: {pg_note}",
-                }
-                print(f"  skipped: PostgreSQL unavailable ({pg_note})")
+            skip = None
+            if case.startswith(("mailer-pg", "txn")) and pg_url is None:
+                skip = f"PostgreSQL unavailable: {pg_note}"
+            if case == "smtp-source" and infra.postfix_tool("smtp-source") is None:
+                skip = "smtp-source is not installed (apt-get install postfix)"
+            if skip:
+                report["cases"][case] = {"description": CASES[case], "runs": [], "skipped": skip}
+                print(f"  skipped: {skip}")
                 continue
             runners[case] = CaseRunner(b, case)
         try:
