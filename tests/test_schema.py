@@ -128,3 +128,28 @@ def test_one_delivery_per_address_whatever_its_case(any_db: str) -> None:
     result = mailer.send_campaign("welcome", rows)
     assert (result.queued, result.duplicates) == (1, 1)
     assert [d.recipient for d in deliveries()] == ["Ann@example.com"]
+
+
+def test_ids_past_32_bits_are_enqueued_sent_and_recorded(pg_db: str) -> None:
+    """Migration 0003: with 32-bit ids, the sequences could not even be set this far."""
+    import mailer
+    from mailer.delivery import deliver_chunk
+    from mailer.transport.memory import MemoryTransport
+    from tests.helpers import add_template, attempts_of, deliveries, states
+
+    past = 2**31 + 10
+    with db.engine().begin() as conn:
+        for table in ("messages", "deliveries", "attempts"):
+            conn.execute(
+                text("SELECT setval(pg_get_serial_sequence(:table, 'id'), :past)"),
+                {"table": table, "past": past},
+            )
+    add_template()
+    message_id = mailer.send(template="welcome", to=["a@example.com"], context={"name": "Ann"})
+    assert message_id == past + 1
+    ids = [d.id for d in deliveries()]
+    assert ids == [past + 1]
+    deliver_chunk(ids, transport=MemoryTransport())
+    assert states() == {"a@example.com": "sent"}
+    attempts = attempts_of("a@example.com")
+    assert [(a.id, a.delivery_id, a.code) for a in attempts] == [(past + 1, past + 1, 250)]

@@ -7,7 +7,9 @@ import base64
 import dataclasses
 import logging
 import smtplib
+import socket
 import ssl
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -471,6 +473,81 @@ def test_a_connection_opened_within_a_send_waits_no_longer_than_its_deadline(
         assert (address, code, phase) == (B, None, Phase.EHLO)
         assert "timed out" in result.results[0].reply.text
         assert summary(session.send(outgoing(C))) == [(C, 250, Phase.DOT)]  # no deadline now
+
+
+@pytest.mark.parametrize(
+    ("command", "response"),
+    [
+        ("EHLO", "250-relay.example.org\r\n250 PIPELINING"),
+        ("RCPT", "250 2.1.5 Ok"),
+        ("DOT", "250 2.0.0 Ok"),
+    ],
+)
+def test_a_reply_trickled_a_byte_at_a_time_ends_by_the_deadline(
+    command: Any, response: str
+) -> None:
+    """A tarpit writes the reply's continuation lines a byte every 20 ms: each read returns
+    well within the socket's timeout, so only a bound on the whole wait keeps the send within
+    its deadline (without one, this send took the trickle's whole 4 s)."""
+    with ScriptedSMTPServer() as server:
+        server.reply(command, response, trickle=4.0, times=1)
+        session = SMTPSession(relay(server))
+        began = time.monotonic()
+        result = session.send(outgoing(A), deadline=began + 0.5)
+        assert time.monotonic() - began < 1.5
+        [(address, code, phase)] = summary(result)
+        assert (code, phase) == (None, Phase[command])
+        assert "timed out" in result.results[0].reply.text
+        assert summary(session.send(outgoing(B))) == [(B, 250, Phase.DOT)]  # no deadline now
+
+
+def test_a_greeting_trickled_a_byte_at_a_time_ends_by_the_deadline() -> None:
+    """A tarpit that stutters its banner (as OpenBSD's spamd does): the first connection of a
+    send, whose greeting is read while smtplib connects, is bound by the deadline too."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    stop = threading.Event()
+
+    def stutter() -> None:
+        conn, _ = listener.accept()
+        with conn:
+            while not stop.is_set():
+                for byte in b"220-relay.example.org slowly\r\n":
+                    if stop.wait(0.02):
+                        return
+                    try:
+                        conn.sendall(bytes([byte]))
+                    except OSError:
+                        return
+
+    thread = threading.Thread(target=stutter, daemon=True)
+    thread.start()
+    try:
+        url = f"smtp://127.0.0.1:{listener.getsockname()[1]}?tls=none"
+        config = dataclasses.replace(parse_relay_url(url), command_timeout=5, connect_timeout=5)
+        began = time.monotonic()
+        result = SMTPSession(config).send(outgoing(A), deadline=began + 0.5)
+        assert time.monotonic() - began < 1.5
+        [(address, code, phase)] = summary(result)
+        assert (code, phase) == (None, Phase.CONNECT)
+        assert "timed out" in result.results[0].reply.text
+    finally:
+        stop.set()
+        thread.join(5)
+        listener.close()
+
+
+def test_a_trickled_reply_over_implicit_tls_ends_by_the_deadline(
+    server_ctx: ssl.SSLContext, ca_file: str
+) -> None:
+    """The same bound on a TLS socket (the session's SSLContext makes the bounded kind)."""
+    with ScriptedSMTPServer(tls="implicit", ssl_context=server_ctx) as srv:
+        srv.reply("RCPT", "250 2.1.5 Ok", trickle=4.0, times=1)
+        session = SMTPSession(relay(srv, ca_file=ca_file))
+        began = time.monotonic()
+        result = session.send(outgoing(A), deadline=began + 0.5)
+        assert time.monotonic() - began < 1.5
+        assert summary(result) == [(A, None, Phase.RCPT)]
+        assert result.tls is True
 
 
 def test_a_past_deadline_does_not_shorten_later_commands() -> None:

@@ -74,6 +74,7 @@ class _Rule:
     recipient: str | None  # lower-case
     remaining: int | None
     delay: float = 0.0  # seconds before the response
+    trickle: float = 0.0  # seconds of continuation lines, a byte at a time, before it
 
     def matches(self, point: str, recipients: Iterable[str]) -> bool:
         if self.point != point:
@@ -105,6 +106,20 @@ async def _drop(server: SMTP) -> NoReturn:
     raise asyncio.CancelledError
 
 
+async def _trickle(server: SMTP, code: str, seconds: float) -> None:
+    """Write continuation lines of a `code` reply a byte every 20 ms for `seconds` (a tarpit
+    whose every read returns at once), whole lines only: the reply goes on after them."""
+    transport = server.transport
+    assert isinstance(transport, asyncio.Transport)
+    end = asyncio.get_running_loop().time() + seconds
+    while asyncio.get_running_loop().time() < end:
+        for byte in f"{code}-please wait\r\n".encode():
+            if transport.is_closing():
+                raise asyncio.CancelledError  # the client gave up: end the session
+            transport.write(bytes([byte]))
+            await asyncio.sleep(0.02)
+
+
 async def _close_after(server: SMTP, response: str) -> NoReturn:
     """Send `response`, then close the connection, as servers do after a 421."""
     await server.push(response)
@@ -116,6 +131,8 @@ async def _close_after(server: SMTP, response: str) -> NoReturn:
 async def _answer(server: SMTP, rule: _Rule) -> str:
     if rule.delay:
         await asyncio.sleep(rule.delay)
+    if rule.trickle and rule.response:
+        await _trickle(server, rule.response[:3], rule.trickle)
     if rule.response is None:
         await _drop(server)
     if rule.response.startswith("421"):
@@ -563,9 +580,11 @@ class ScriptedSMTPServer:
         recipient: str | None = None,
         times: int | None = None,
         delay: float = 0.0,
+        trickle: float = 0.0,
     ) -> None:
         """Answer `response` instead of the normal reply to `command` ("DOT": the final "."),
-        after `delay` seconds.
+        after `delay` seconds, and after `trickle` seconds of continuation lines written a
+        byte at a time.
 
         A 2xx response still does what the command normally does (a 2xx at DOT stores the
         message); any other code does not. A DATA rule answers the DATA command itself and must
@@ -580,6 +599,7 @@ class ScriptedSMTPServer:
             raise ValueError("a DATA rule can only refuse; script the reply to '.' with DOT")
         rule = self._rule(command, response, recipient, times)
         rule.delay = delay
+        rule.trickle = trickle
         self._script.add(rule)
 
     def drop(self, phase: Phase, *, recipient: str | None = None, times: int | None = 1) -> None:

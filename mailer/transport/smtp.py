@@ -29,13 +29,16 @@ import threading
 import time
 import weakref
 from collections.abc import Callable, Iterator
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple, Protocol, cast
 
 from mailer import clock
 from mailer.errors import RelayError
 from mailer.replies import Phase, ReplyCode, SMTPReply
 from mailer.transport.base import Outgoing, RecipientResult, TransactionResult
 from mailer.transport.relay import RelayConfig
+
+if TYPE_CHECKING:
+    from _typeshed import WriteableBuffer
 
 log = logging.getLogger(__name__)
 
@@ -349,11 +352,14 @@ class SMTPSession:
 
     def _limit(self, smtp: smtplib.SMTP, seconds: float) -> None:
         """The socket's timeout for the next wait: `seconds`, or less, so that no reply is
-        awaited past the send's deadline (unchanged, it costs no system call)."""
+        awaited past the send's deadline (unchanged, it costs no system call); and the
+        deadline by which the wait's later reads must end, if any (_Bounded)."""
         seconds = self._within(seconds)
-        sock = smtp.sock
-        if sock is not None and sock.gettimeout() != seconds:
-            sock.settimeout(seconds)  # a system call (ioctl) each time: only when it changes
+        sock = cast("_Bounded | None", smtp.sock)
+        if sock is not None:
+            sock.deadline = self._deadline
+            if sock.gettimeout() != seconds:
+                sock.settimeout(seconds)  # a system call (ioctl) each time: only when it changes
 
     def _within(self, seconds: float) -> float:
         """`seconds`, or the time left before the send's deadline if that is shorter."""
@@ -474,15 +480,18 @@ class SMTPSession:
         # given there (and raises SMTPConnectError for a greeting other than 220).
         with _phase(Phase.CONNECT):
             smtp = (
-                smtplib.SMTP_SSL(
+                _SMTP_SSL(
                     cfg.host,
                     cfg.port,
-                    local_hostname=name,
-                    timeout=self._within(cfg.connect_timeout),
-                    context=self._ssl(),
+                    name,
+                    self._within(cfg.connect_timeout),
+                    self._ssl(),
+                    self._deadline,
                 )
                 if cfg.tls == "implicit"
-                else smtplib.SMTP(cfg.host, cfg.port, name, self._within(cfg.connect_timeout))
+                else _SMTP(
+                    cfg.host, cfg.port, name, self._within(cfg.connect_timeout), self._deadline
+                )
             )
         say("connect", f"{cfg.host}:{cfg.port} connected")
         if cfg.tls == "implicit":
@@ -556,6 +565,7 @@ class SMTPSession:
         if self._context is None:
             try:
                 self._context = ssl.create_default_context(cafile=self.config.ca_file)
+                self._context.sslsocket_class = _BoundedTLSSocket
             except OSError as exc:  # ssl.SSLError is an OSError too
                 raise _Failed(
                     SMTPReply.lost(f"cannot load ca_file {self.config.ca_file!r}: {exc}"),
@@ -852,6 +862,92 @@ def _local_hostname() -> str:
     # smtplib's own EHLO name (the FQDN, or an address literal), but worked out once: it
     # costs a DNS lookup that smtplib would repeat on every connection
     return smtplib.SMTP().local_hostname
+
+
+# how far past a send's deadline a wait for the relay may end (see _bound)
+_SLACK = 0.05
+
+
+class _Bounded(Protocol):
+    """A socket whose reads end by its `deadline` (time.monotonic(), or None: no bound but
+    the timeout), which SMTPSession._limit sets before each wait; `_bound` says why."""
+
+    deadline: float | None
+
+    def gettimeout(self) -> float | None: ...
+
+    def settimeout(self, value: float | None) -> None: ...
+
+
+def _bound(sock: _Bounded) -> None:
+    """Before a read from the relay: the read ends by the socket's deadline, give or take
+    _SLACK. The socket's timeout bounds one read, and a server that trickles a reply a byte at
+    a time would otherwise hold a send, and its chunk's lease, as long as it liked. _limit set
+    the timeout to the time left when the wait began, so that the wait's first read (nearly
+    always its only one) needs no second system call here."""
+    deadline = sock.deadline
+    if deadline is not None:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError("timed out")
+        timeout = sock.gettimeout()
+        if timeout is None or left < timeout - _SLACK:
+            sock.settimeout(left)
+
+
+class _BoundedSocket(socket.socket):
+    deadline: float | None = None
+
+    def recv_into(self, buffer: WriteableBuffer, nbytes: int = 0, flags: int = 0) -> int:
+        _bound(self)
+        return socket.socket.recv_into(self, buffer, nbytes, flags)
+
+
+class _BoundedTLSSocket(ssl.SSLSocket):  # the class of the sessions' SSLContext's sockets
+    deadline: float | None = None
+
+    def recv_into(self, buffer: WriteableBuffer, nbytes: int | None = None, flags: int = 0) -> int:
+        _bound(self)
+        return ssl.SSLSocket.recv_into(self, buffer, nbytes, flags)
+
+
+class _SMTP(smtplib.SMTP):
+    """smtplib's client over a _BoundedSocket, bound by `deadline` from the greeting on."""
+
+    def __init__(
+        self, host: str, port: int, name: str, timeout: float, deadline: float | None
+    ) -> None:
+        self.deadline = deadline
+        super().__init__(host, port, name, timeout)
+
+    def _get_socket(self, host: str, port: int, timeout: float) -> socket.socket:
+        plain = socket.create_connection((host, port), timeout, self.source_address)
+        sock = _BoundedSocket(plain.family, plain.type, plain.proto, fileno=plain.detach())
+        sock.settimeout(timeout)
+        sock.deadline = self.deadline
+        return sock
+
+
+class _SMTP_SSL(smtplib.SMTP_SSL):
+    """Implicit TLS over a _BoundedTLSSocket (the context's class), bound by `deadline` from
+    the greeting on."""
+
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        name: str,
+        timeout: float,
+        context: ssl.SSLContext,
+        deadline: float | None,
+    ) -> None:
+        self.deadline = deadline
+        super().__init__(host, port, local_hostname=name, timeout=timeout, context=context)
+
+    def _get_socket(self, host: str, port: int, timeout: float) -> socket.socket:
+        sock = cast(_BoundedTLSSocket, super()._get_socket(host, port, timeout))  # type: ignore[misc]
+        sock.deadline = self.deadline
+        return sock
 
 
 _all_sessions: weakref.WeakSet[SMTPSession] = weakref.WeakSet()

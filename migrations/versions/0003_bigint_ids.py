@@ -1,0 +1,58 @@
+"""64-bit ids for the tables that grow with every message
+
+messages, deliveries and attempts get a row for every message sent, and their ids and the
+columns that refer to them were 32-bit integers on PostgreSQL (SERIAL: a sequence that stops
+at 2,147,483,647). At a million deliveries a day that is under six years, and less for attempts
+where mail is retried. They become BIGINT, and their sequences go on to 2**63 - 1. SQLite's
+INTEGER is 64-bit already: nothing changes there.
+
+On PostgreSQL each table is rewritten, with its indexes, while it is locked against reads and
+writes: on a large outbox that takes minutes (about as long as a VACUUM FULL of the three
+tables). Stop the workers and the producers for `mailer db upgrade`.
+
+Revision ID: 0003
+Revises: 0002
+Create Date: 2026-11-29
+"""
+
+from __future__ import annotations
+
+from alembic import op
+from sqlalchemy import text
+
+revision = "0003"
+down_revision = "0002"
+branch_labels = None
+depends_on = None
+
+# the columns, referenced tables before the tables that refer to them
+COLUMNS = {
+    "messages": ("id",),
+    "deliveries": ("id", "message_id"),
+    "attempts": ("id", "delivery_id"),
+    "suppressions": ("source_delivery_id",),
+}
+NUMBERED = ("messages", "deliveries", "attempts")
+
+
+def upgrade() -> None:
+    _retype("BIGINT")
+
+
+def downgrade() -> None:
+    # refused by PostgreSQL ("integer out of range") once an id has passed 2**31 - 1
+    _retype("INTEGER")
+
+
+def _retype(sql_type: str) -> None:
+    bind = op.get_bind()
+    if bind.dialect.name != "postgresql":
+        return
+    for table, columns in COLUMNS.items():
+        changes = ", ".join(f"ALTER COLUMN {column} TYPE {sql_type}" for column in columns)
+        op.execute(f"ALTER TABLE {table} {changes}")  # one rewrite a table
+    for table in NUMBERED:
+        sequence = bind.execute(
+            text("SELECT pg_get_serial_sequence(:table, 'id')"), {"table": table}
+        ).scalar_one()
+        op.execute(f"ALTER SEQUENCE {sequence} AS {sql_type}")
