@@ -925,8 +925,8 @@ def summarize(
             cpu = m.get("client_cpu_ms_per_msg")
             rows.append([case, fmt_rate(m.get("msgs_per_s")), _cpu(cpu), notes + bad])
         elif case == "smtp-source":
-            sessions = args.source_sessions
-            notes = f"{m.get('messages', 0):.0f} msgs, {sessions} sessions, no PIPELINING"
+            sessions = m.get("sessions", 0)
+            notes = f"{m.get('messages', 0):.0f} msgs, {sessions:.0f} sessions, no PIPELINING"
             cpu = m.get("client_cpu_ms_per_msg")
             rows.append([case, fmt_rate(m.get("msgs_per_s")), _cpu(cpu), notes + bad])
         elif case == "naive":

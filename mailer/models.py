@@ -219,7 +219,9 @@ class Attempt(Base):
 class Suppression(Base):
     __tablename__ = "suppressions"
 
-    id: Mapped[int] = mapped_column(primary_key=True)
+    # BigId: an import that skips known addresses (ON CONFLICT DO NOTHING) spends an id on
+    # each row it tries, kept or not
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
     address: Mapped[str] = mapped_column(String(320), unique=True)
     reason: Mapped[str] = mapped_column(Text)
     source_delivery_id: Mapped[int | None] = mapped_column(BigId, ForeignKey("deliveries.id"))

@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
-from sqlalchemy import create_engine, text
+from sqlalchemy import create_engine, select, text
 
-from mailer import db
-from mailer.models import Base
+from mailer import db, suppressions
+from mailer.models import Base, Suppression
 from tests.conftest import PG_SCHEMA, PG_URL
 
 
@@ -139,7 +140,7 @@ def test_ids_past_32_bits_are_enqueued_sent_and_recorded(pg_db: str) -> None:
 
     past = 2**31 + 10
     with db.engine().begin() as conn:
-        for table in ("messages", "deliveries", "attempts"):
+        for table in ("messages", "deliveries", "attempts", "suppressions"):
             conn.execute(
                 text("SELECT setval(pg_get_serial_sequence(:table, 'id'), :past)"),
                 {"table": table, "past": past},
@@ -153,3 +154,8 @@ def test_ids_past_32_bits_are_enqueued_sent_and_recorded(pg_db: str) -> None:
     assert states() == {"a@example.com": "sent"}
     attempts = attempts_of("a@example.com")
     assert [(a.id, a.delivery_id, a.code) for a in attempts] == [(past + 1, past + 1, 250)]
+    with db.session_scope() as session:
+        now = datetime.now(UTC)
+        suppressions.add(session, [("b@example.com", "bounced", past + 1)], now)
+        found = session.execute(select(Suppression.id, Suppression.source_delivery_id)).all()
+    assert [tuple(row) for row in found] == [(past + 1, past + 1)]

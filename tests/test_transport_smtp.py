@@ -4,6 +4,7 @@ SMTPUTF8 and SIZE, VRFY, secrets kept out of logs, and check()."""
 from __future__ import annotations
 
 import base64
+import contextlib
 import dataclasses
 import logging
 import smtplib
@@ -11,7 +12,7 @@ import socket
 import ssl
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -495,8 +496,7 @@ def test_a_reply_trickled_a_byte_at_a_time_ends_by_the_deadline(
         began = time.monotonic()
         result = session.send(outgoing(A), deadline=began + 0.5)
         assert time.monotonic() - began < 1.5
-        [(address, code, phase)] = summary(result)
-        assert (code, phase) == (None, Phase[command])
+        assert summary(result) == [(A, None, Phase[command])]
         assert "timed out" in result.results[0].reply.text
         assert summary(session.send(outgoing(B))) == [(B, 250, Phase.DOT)]  # no deadline now
 
@@ -504,36 +504,105 @@ def test_a_reply_trickled_a_byte_at_a_time_ends_by_the_deadline(
 def test_a_greeting_trickled_a_byte_at_a_time_ends_by_the_deadline() -> None:
     """A tarpit that stutters its banner (as OpenBSD's spamd does): the first connection of a
     send, whose greeting is read while smtplib connects, is bound by the deadline too."""
-    listener = socket.create_server(("127.0.0.1", 0))
-    stop = threading.Event()
+    stutter = b"220-relay.example.org slowly\r\n" * 7  # 4.3 s at a byte every 20 ms
 
-    def stutter() -> None:
-        conn, _ = listener.accept()
-        with conn:
-            while not stop.is_set():
-                for byte in b"220-relay.example.org slowly\r\n":
-                    if stop.wait(0.02):
-                        return
-                    try:
-                        conn.sendall(bytes([byte]))
-                    except OSError:
-                        return
+    def script(conn: socket.socket, stop: threading.Event) -> None:
+        for byte in stutter:
+            if stop.wait(0.02):
+                return
+            conn.sendall(bytes([byte]))
 
-    thread = threading.Thread(target=stutter, daemon=True)
-    thread.start()
-    try:
-        url = f"smtp://127.0.0.1:{listener.getsockname()[1]}?tls=none"
+    with _RawServer(script) as url:
         config = dataclasses.replace(parse_relay_url(url), command_timeout=5, connect_timeout=5)
         began = time.monotonic()
         result = SMTPSession(config).send(outgoing(A), deadline=began + 0.5)
         assert time.monotonic() - began < 1.5
-        [(address, code, phase)] = summary(result)
-        assert (code, phase) == (None, Phase.CONNECT)
+        assert summary(result) == [(A, None, Phase.CONNECT)]
         assert "timed out" in result.results[0].reply.text
-    finally:
-        stop.set()
-        thread.join(5)
-        listener.close()
+
+
+def test_a_tls_handshake_that_stalls_ends_by_the_deadline(ca_file: str) -> None:
+    """The STARTTLS handshake reads in C, not through the socket's recv_into: it gets the time
+    left as its timeout (it had the time left when STARTTLS was sent: 1.8 s here)."""
+
+    def script(conn: socket.socket, stop: threading.Event) -> None:
+        reader = conn.makefile("rb")
+        conn.sendall(b"220 relay.example.org\r\n")
+        reader.readline()  # EHLO
+        conn.sendall(b"250-relay.example.org\r\n250 STARTTLS\r\n")
+        reader.readline()  # STARTTLS
+        if not stop.wait(0.8):
+            conn.sendall(b"220 2.0.0 Ready\r\n")
+        stop.wait(5)  # and no handshake
+
+    with _RawServer(script) as url:
+        config = dataclasses.replace(
+            parse_relay_url(url.replace("tls=none", "tls=starttls")),
+            command_timeout=5,
+            connect_timeout=5,
+            ca_file=ca_file,
+        )
+        began = time.monotonic()
+        result = SMTPSession(config).send(outgoing(A), deadline=began + 1.0)
+        assert time.monotonic() - began < 1.4
+        assert summary(result) == [(A, None, Phase.TLS)]
+
+
+def test_a_trickled_reply_after_starttls_ends_by_the_deadline(
+    server_ctx: ssl.SSLContext, ca_file: str
+) -> None:
+    """The socket that STARTTLS makes is bounded as the plain one was."""
+    with ScriptedSMTPServer(tls="starttls", ssl_context=server_ctx) as srv:
+        srv.reply("MAIL", "250 2.1.0 Ok", trickle=4.0, times=1)
+        session = SMTPSession(relay(srv, ca_file=ca_file))
+        began = time.monotonic()
+        result = session.send(outgoing(A), deadline=began + 0.5)
+        assert time.monotonic() - began < 1.5
+        assert summary(result) == [(A, None, Phase.MAIL)]
+        assert srv.commands[:3] == ["EHLO", "STARTTLS", "EHLO"]
+
+
+def test_a_reply_that_came_in_time_is_read_after_the_deadline() -> None:
+    """Two sessions in step share their chunk's deadline, and the first reads its "." reply
+    only once the second's transaction, run while it waited, is over: at the deadline, when
+    the second's reply is late. The first's 250, which came in time, is its verdict."""
+    with ScriptedSMTPServer() as server:
+        server.reply("DOT", "250 2.0.0 Ok", recipient=B, delay=2.0, times=1)
+        first, second = SMTPSession(relay(server)), SMTPSession(relay(server))
+        deadline = time.monotonic() + 0.5
+        seconds: list[TransactionResult] = []
+
+        def meanwhile() -> None:
+            seconds.append(second.send(outgoing(B), deadline=deadline))
+
+        result = first.send(outgoing(A), meanwhile=meanwhile, deadline=deadline)
+        assert summary(result) == [(A, 250, Phase.DOT)]
+        assert summary(seconds[0]) == [(B, None, Phase.DOT)]
+
+
+class _RawServer:
+    """A one-connection TCP server on 127.0.0.1 whose conversation is `script(conn, stop)`,
+    run in a thread (stop is set when the test is done with it); its URL as a relay's."""
+
+    def __init__(self, script: Callable[[socket.socket, threading.Event], None]) -> None:
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.stop = threading.Event()
+
+        def serve() -> None:
+            conn, _ = self.listener.accept()
+            with conn, contextlib.suppress(OSError):
+                script(conn, self.stop)
+
+        self.thread = threading.Thread(target=serve, daemon=True)
+
+    def __enter__(self) -> str:
+        self.thread.start()
+        return f"smtp://127.0.0.1:{self.listener.getsockname()[1]}?tls=none"
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        self.thread.join(10)
+        self.listener.close()
 
 
 def test_a_trickled_reply_over_implicit_tls_ends_by_the_deadline(

@@ -29,7 +29,7 @@ import threading
 import time
 import weakref
 from collections.abc import Callable, Iterator
-from typing import TYPE_CHECKING, NamedTuple, Protocol, cast
+from typing import TYPE_CHECKING, Any, NamedTuple, Protocol, cast
 
 from mailer import clock
 from mailer.errors import RelayError
@@ -564,8 +564,7 @@ class SMTPSession:
         # verified certificates and host names, always: smtplib's own default verifies nothing
         if self._context is None:
             try:
-                self._context = ssl.create_default_context(cafile=self.config.ca_file)
-                self._context.sslsocket_class = _BoundedTLSSocket
+                self._context = _bounded_context(self.config.ca_file)
             except OSError as exc:  # ssl.SSLError is an OSError too
                 raise _Failed(
                     SMTPReply.lost(f"cannot load ca_file {self.config.ca_file!r}: {exc}"),
@@ -866,6 +865,9 @@ def _local_hostname() -> str:
 
 # how far past a send's deadline a wait for the relay may end (see _bound)
 _SLACK = 0.05
+# past the deadline, a reply that has already come is still read (with a timeout of 1 ms),
+# for this long: the step's other sessions may have waited until the deadline first
+_GRACE = 1.0
 
 
 class _Bounded(Protocol):
@@ -880,16 +882,19 @@ class _Bounded(Protocol):
 
 
 def _bound(sock: _Bounded) -> None:
-    """Before a read from the relay: the read ends by the socket's deadline, give or take
-    _SLACK. The socket's timeout bounds one read, and a server that trickles a reply a byte at
-    a time would otherwise hold a send, and its chunk's lease, as long as it liked. _limit set
-    the timeout to the time left when the wait began, so that the wait's first read (nearly
-    always its only one) needs no second system call here."""
+    """Before a read from the relay (or a TLS handshake): it ends by the socket's deadline,
+    give or take _SLACK. The socket's timeout bounds one read, and a server that trickles a
+    reply a byte at a time would otherwise hold a send, and its chunk's lease, as long as it
+    liked. _limit set the timeout to the time left when the wait began, so that the wait's
+    first read (nearly always its only one) needs no second system call here. Past the
+    deadline, only what has already come is read (as _limit's 1 ms minimum does), and
+    nothing once _GRACE is over too."""
     deadline = sock.deadline
     if deadline is not None:
         left = deadline - time.monotonic()
-        if left <= 0:
+        if left <= -_GRACE:
             raise TimeoutError("timed out")
+        left = max(0.001, left)
         timeout = sock.gettimeout()
         if timeout is None or left < timeout - _SLACK:
             sock.settimeout(left)
@@ -911,6 +916,25 @@ class _BoundedTLSSocket(ssl.SSLSocket):  # the class of the sessions' SSLContext
         return ssl.SSLSocket.recv_into(self, buffer, nbytes, flags)
 
 
+def _bounded_context(cafile: str | None) -> ssl.SSLContext:
+    """ssl's default client context (verified certificates and host names), whose sockets are
+    bounded: the handshake, which reads in C and not through `recv_into`, gets the time left
+    as its timeout (the TLS socket takes the plain one's), and the TLS socket keeps the
+    plain one's deadline."""
+    context = ssl.create_default_context(cafile=cafile)
+    context.sslsocket_class = _BoundedTLSSocket
+    wrap = context.wrap_socket
+
+    def wrap_bounded(sock: _BoundedSocket, *args: Any, **kwargs: Any) -> ssl.SSLSocket:
+        _bound(sock)
+        tls = cast(_BoundedTLSSocket, wrap(sock, *args, **kwargs))
+        tls.deadline = sock.deadline
+        return tls
+
+    context.wrap_socket = wrap_bounded  # type: ignore[method-assign,assignment]
+    return context
+
+
 class _SMTP(smtplib.SMTP):
     """smtplib's client over a _BoundedSocket, bound by `deadline` from the greeting on."""
 
@@ -921,16 +945,15 @@ class _SMTP(smtplib.SMTP):
         super().__init__(host, port, name, timeout)
 
     def _get_socket(self, host: str, port: int, timeout: float) -> socket.socket:
-        plain = socket.create_connection((host, port), timeout, self.source_address)
+        plain = super()._get_socket(host, port, timeout)  # type: ignore[misc]
         sock = _BoundedSocket(plain.family, plain.type, plain.proto, fileno=plain.detach())
         sock.settimeout(timeout)
         sock.deadline = self.deadline
         return sock
 
 
-class _SMTP_SSL(smtplib.SMTP_SSL):
-    """Implicit TLS over a _BoundedTLSSocket (the context's class), bound by `deadline` from
-    the greeting on."""
+class _SMTP_SSL(smtplib.SMTP_SSL, _SMTP):
+    """Implicit TLS: SMTP_SSL wraps _SMTP's bounded socket with the session's context."""
 
     def __init__(
         self,
@@ -941,13 +964,10 @@ class _SMTP_SSL(smtplib.SMTP_SSL):
         context: ssl.SSLContext,
         deadline: float | None,
     ) -> None:
-        self.deadline = deadline
-        super().__init__(host, port, local_hostname=name, timeout=timeout, context=context)
-
-    def _get_socket(self, host: str, port: int, timeout: float) -> socket.socket:
-        sock = cast(_BoundedTLSSocket, super()._get_socket(host, port, timeout))  # type: ignore[misc]
-        sock.deadline = self.deadline
-        return sock
+        self.deadline = deadline  # SMTP_SSL's __init__ calls SMTP's, not _SMTP's
+        smtplib.SMTP_SSL.__init__(
+            self, host, port, local_hostname=name, timeout=timeout, context=context
+        )
 
 
 _all_sessions: weakref.WeakSet[SMTPSession] = weakref.WeakSet()

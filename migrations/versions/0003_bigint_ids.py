@@ -3,12 +3,15 @@
 messages, deliveries and attempts get a row for every message sent, and their ids and the
 columns that refer to them were 32-bit integers on PostgreSQL (SERIAL: a sequence that stops
 at 2,147,483,647). At a million deliveries a day that is under six years, and less for attempts
-where mail is retried. They become BIGINT, and their sequences go on to 2**63 - 1. SQLite's
-INTEGER is 64-bit already: nothing changes there.
+where mail is retried. Suppressions too: an import that skips the addresses already there
+(ON CONFLICT DO NOTHING) spends an id on every row it tries. They become BIGINT, and their
+sequences go on to 2**63 - 1. SQLite's INTEGER is 64-bit already: nothing changes there.
 
 On PostgreSQL each table is rewritten, with its indexes, while it is locked against reads and
-writes: on a large outbox that takes minutes (about as long as a VACUUM FULL of the three
-tables). Stop the workers and the producers for `mailer db upgrade`.
+writes, and the foreign keys between them are checked again: on a large outbox that takes
+minutes, more than a VACUUM FULL of the tables. The upgrade first waits for every transaction
+that holds one of the tables (a worker's, a producer's, an open psql session's). Stop the
+workers and the producers for `mailer db upgrade`.
 
 Revision ID: 0003
 Revises: 0002
@@ -30,9 +33,9 @@ COLUMNS = {
     "messages": ("id",),
     "deliveries": ("id", "message_id"),
     "attempts": ("id", "delivery_id"),
-    "suppressions": ("source_delivery_id",),
+    "suppressions": ("id", "source_delivery_id"),
 }
-NUMBERED = ("messages", "deliveries", "attempts")
+NUMBERED = ("messages", "deliveries", "attempts", "suppressions")
 
 
 def upgrade() -> None:
@@ -40,7 +43,7 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
-    # refused by PostgreSQL ("integer out of range") once an id has passed 2**31 - 1
+    # refused by PostgreSQL once an id, or a sequence's last value, has passed 2**31 - 1
     _retype("INTEGER")
 
 
