@@ -868,6 +868,7 @@ _SLACK = 0.05
 # past the deadline, a reply that has already come is still read (with a timeout of 1 ms),
 # for this long: the step's other sessions may have waited until the deadline first
 _GRACE = 1.0
+_ALREADY_COME = 0.001
 
 
 class _Bounded(Protocol):
@@ -894,9 +895,11 @@ def _bound(sock: _Bounded) -> None:
         left = deadline - time.monotonic()
         if left <= -_GRACE:
             raise TimeoutError("timed out")
-        left = max(0.001, left)
         timeout = sock.gettimeout()
-        if timeout is None or left < timeout - _SLACK:
+        if left <= 0:
+            if timeout != _ALREADY_COME:
+                sock.settimeout(_ALREADY_COME)
+        elif timeout is None or left < timeout - _SLACK:
             sock.settimeout(left)
 
 

@@ -20,6 +20,8 @@ Create Date: 2026-11-29
 
 from __future__ import annotations
 
+import logging
+
 from alembic import op
 from sqlalchemy import text
 
@@ -28,14 +30,15 @@ down_revision = "0002"
 branch_labels = None
 depends_on = None
 
-# the columns, referenced tables before the tables that refer to them
+# the columns, referenced tables before the tables that refer to them; each table's id is
+# numbered by a sequence of its own
 COLUMNS = {
     "messages": ("id",),
     "deliveries": ("id", "message_id"),
     "attempts": ("id", "delivery_id"),
     "suppressions": ("id", "source_delivery_id"),
 }
-NUMBERED = ("messages", "deliveries", "attempts", "suppressions")
+log = logging.getLogger("mailer.migrations")
 
 
 def upgrade() -> None:
@@ -52,9 +55,20 @@ def _retype(sql_type: str) -> None:
     if bind.dialect.name != "postgresql":
         return
     for table, columns in COLUMNS.items():
+        rows = bind.execute(
+            text("SELECT reltuples::bigint FROM pg_class WHERE oid = CAST(:table AS regclass)"),
+            {"table": table},
+        ).scalar_one()
+        counted = f"about {rows:,} rows" if rows >= 0 else "rows not counted yet"  # ANALYZE's
+        log.info(
+            "rewriting %s with %s ids (%s); the table is locked until this is done",
+            table,
+            sql_type,
+            counted,
+        )
         changes = ", ".join(f"ALTER COLUMN {column} TYPE {sql_type}" for column in columns)
         op.execute(f"ALTER TABLE {table} {changes}")  # one rewrite a table
-    for table in NUMBERED:
+    for table in COLUMNS:
         sequence = bind.execute(
             text("SELECT pg_get_serial_sequence(:table, 'id')"), {"table": table}
         ).scalar_one()
