@@ -495,7 +495,7 @@ def test_a_reply_trickled_a_byte_at_a_time_ends_by_the_deadline(
         session = SMTPSession(relay(server))
         began = time.monotonic()
         result = session.send(outgoing(A), deadline=began + 0.5)
-        assert time.monotonic() - began < 1.2  # not the second past it (_GRACE)
+        assert time.monotonic() - began < 1.2
         assert summary(result) == [(A, None, Phase[command])]
         assert "timed out" in result.results[0].reply.text
         assert summary(session.send(outgoing(B))) == [(B, 250, Phase.DOT)]  # no deadline now
@@ -516,7 +516,7 @@ def test_a_greeting_trickled_a_byte_at_a_time_ends_by_the_deadline() -> None:
         config = dataclasses.replace(parse_relay_url(url), command_timeout=5, connect_timeout=5)
         began = time.monotonic()
         result = SMTPSession(config).send(outgoing(A), deadline=began + 0.5)
-        assert time.monotonic() - began < 1.2  # not the second past it (_GRACE)
+        assert time.monotonic() - began < 1.2
         assert summary(result) == [(A, None, Phase.CONNECT)]
         assert "timed out" in result.results[0].reply.text
 
@@ -551,7 +551,7 @@ def test_a_tls_handshake_that_stalls_ends_by_the_deadline(ca_file: str) -> None:
 def test_past_the_deadline_a_read_waits_for_nothing_more() -> None:
     """Past the deadline a read takes what has come and waits no longer than 1 ms, whatever
     timeout a wait that began just before the deadline left on the socket (one of 30 ms let a
-    byte every 20 ms through for the whole second of grace)."""
+    byte every 20 ms through for the whole grace, a quarter of a second)."""
     ours, theirs = socket.socketpair()
     sock = smtp_module._BoundedSocket(ours.family, ours.type, ours.proto, fileno=ours.detach())
     stop = threading.Event()
@@ -574,7 +574,7 @@ def test_past_the_deadline_a_read_waits_for_nothing_more() -> None:
         with pytest.raises(TimeoutError):
             while True:
                 sock.recv_into(buffer)
-        assert time.monotonic() - began < 0.5  # not the second of grace
+        assert time.monotonic() - began < 0.15  # not the grace
     finally:
         stop.set()
         thread.join(5)
@@ -636,7 +636,7 @@ def test_a_trickled_reply_over_tls_ends_by_the_deadline(
         session = SMTPSession(relay(srv, ca_file=ca_file))
         began = time.monotonic()
         result = session.send(outgoing(A), deadline=began + 0.5)
-        assert time.monotonic() - began < 1.2  # not the second past it (_GRACE)
+        assert time.monotonic() - began < 1.2
         assert summary(result) == [(A, None, Phase.MAIL)]
         assert result.tls is True
 

@@ -866,8 +866,10 @@ def _local_hostname() -> str:
 # how far past a send's deadline a wait for the relay may end (see _bound)
 _SLACK = 0.05
 # past the deadline, a reply that has already come is still read (with a timeout of 1 ms),
-# for this long: the step's other sessions may have waited until the deadline first
-_GRACE = 1.0
+# for this long: the step's other sessions may have waited until the deadline first. A
+# quarter of a second stays within the quarter of the lease left after the deadline for any
+# lease over a second (delivery._Limits).
+_GRACE = 0.25
 _ALREADY_COME = 0.001
 
 
