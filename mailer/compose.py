@@ -12,7 +12,7 @@ import email.policy
 import re
 import secrets
 from collections.abc import Mapping, Sequence
-from datetime import UTC, datetime, timedelta, tzinfo
+from datetime import UTC, datetime, timedelta
 from email.utils import format_datetime
 from typing import Any
 
@@ -176,8 +176,9 @@ def _delimiters(boundary: str) -> tuple[bytes, bytes, bytes]:
 _DELIMITERS = _delimiters(_BOUNDARY)
 
 
-# the last second formatted, from its first instant to the next second's, for a UTC date
-_second: tuple[tzinfo | None, datetime, datetime, str] = (None, datetime.min, datetime.min, "")
+_EPOCH = datetime.fromtimestamp(0, UTC)
+# the last UTC second formatted: from its first instant to the next second's, and its text
+_second: tuple[datetime, datetime, str] = (_EPOCH, _EPOCH, "")
 
 
 def _date(date: datetime) -> str:
@@ -186,14 +187,15 @@ def _date(date: datetime) -> str:
     # 2,000. In UTC only, where the fields order as the instants do, and from 1970 on, where
     # int() rounds the timestamp down
     global _second
-    zone, start, end, text = _second
-    if date.tzinfo is zone and start <= date < end:
+    utc = date.tzinfo is UTC
+    start, end, text = _second
+    if utc and start <= date < end:
         return text
     timestamp = int(date.timestamp())
     text = format_datetime(datetime.fromtimestamp(timestamp, date.tzinfo))
-    if date.tzinfo is UTC and timestamp >= 0:
+    if utc and timestamp >= 0:
         start = datetime.fromtimestamp(timestamp, UTC)
-        _second = (UTC, start, start + timedelta(seconds=1), text)
+        _second = (start, start + timedelta(seconds=1), text)
     return text
 
 

@@ -367,7 +367,7 @@ class SMTPSession:
             left = self._deadline - time.monotonic()
             if left < seconds:
                 seconds = left
-            seconds = max(0.001, seconds)
+            seconds = max(_ALREADY_COME, seconds)  # past it, what has come is still read
         return seconds
 
     def _rset(self, smtp: smtplib.SMTP) -> None:
@@ -865,10 +865,10 @@ def _local_hostname() -> str:
 
 # how far past a send's deadline a wait for the relay may end (see _bound)
 _SLACK = 0.05
-# past the deadline, a reply that has already come is still read (with a timeout of 1 ms),
-# for this long: the step's other sessions may have waited until the deadline first. A
-# quarter of a second stays within the quarter of the lease left after the deadline for any
-# lease over a second (delivery._Limits).
+# past the deadline, a reply that has already come is still read (a wait is _ALREADY_COME
+# at most), for _GRACE: the step's other sessions may have waited until the deadline first.
+# A quarter of a second stays within the quarter of the lease left after the deadline for
+# any lease over a second (delivery._Limits).
 _GRACE = 0.25
 _ALREADY_COME = 0.001
 
@@ -890,8 +890,8 @@ def _bound(sock: _Bounded) -> None:
     reply a byte at a time would otherwise hold a send, and its chunk's lease, as long as it
     liked. _limit set the timeout to the time left when the wait began, so that the wait's
     first read (nearly always its only one) needs no second system call here. Past the
-    deadline, only what has already come is read (as _limit's 1 ms minimum does), and
-    nothing once _GRACE is over too."""
+    deadline, only what has already come is read (as after _limit), and nothing once _GRACE
+    is over too."""
     deadline = sock.deadline
     if deadline is not None:
         left = deadline - time.monotonic()

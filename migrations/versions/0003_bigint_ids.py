@@ -8,10 +8,11 @@ where mail is retried. Suppressions too: an import that skips the addresses alre
 sequences go on to 2**63 - 1. SQLite's INTEGER is 64-bit already: nothing changes there.
 
 On PostgreSQL each table is rewritten, with its indexes, while it is locked against reads and
-writes, and the foreign keys between them are checked again: on a large outbox that takes
-minutes, more than a VACUUM FULL of the tables. The upgrade first waits for every transaction
-that holds one of the tables (a worker's, a producer's, an open psql session's). Stop the
-workers and the producers for `mailer db upgrade`.
+writes, and the foreign keys between them are checked again: measured, a million deliveries
+(316 MB with their indexes) took 4.8 s and a million attempts (132 MB) 2.4 s, so a large
+outbox takes minutes. The upgrade first waits for every transaction that holds one of the
+tables (a worker's, a producer's, an open psql session's). Stop the workers and the
+producers for `mailer db upgrade`.
 
 Revision ID: 0003
 Revises: 0002
