@@ -137,3 +137,93 @@ def test_a_separator_in_the_output_renders_the_parts_apart(value: str) -> None:
         compiled = templates.compile_parts("t", "s {{ name }}", "{{ name }}\n", html)
         context = {**CONTEXT, "name": value}
         assert compiled.render(context) == compiled.render_parts(context)
+
+
+# --- templates of text and names only, rendered without Jinja2's machinery (_Fill) ----------
+
+FILLABLE = ("Hi {{ name }}!", "Hello {{ name }},\n\nissue {{ n }}\n\n", "<p>{{ name }}</p>\n")
+
+
+def jinja_only(
+    compiled: templates.Compiled, headers: dict[str, str], context: dict[str, Any]
+) -> tuple[templates.Rendered, dict[str, str]]:
+    """What Jinja2 itself renders: the parts apart, and every header through its template."""
+    rendered = {
+        name: templates._render(templates._compile(templates._plain, value, name)[0], context, name)
+        for name, value in headers.items()
+    }
+    return compiled.render_parts(context), rendered
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        'Tom & "Jerry" <b>',  # escaped in the HTML only
+        "Zoë 😀 \u202e",
+        "",
+        "'&#39;",
+        7,
+        -2.5,
+        # values Jinja2 prints its own way: each goes to Jinja2, whatever it gives
+        None,
+        True,
+        ["a", "<b>"],
+        {"k": "v"},
+        templates.markupsafe.Markup("<i>safe</i>"),
+    ],
+)
+def test_text_and_names_render_as_jinja2_renders_them(value: Any) -> None:
+    compiled = templates.compile_parts("t", *FILLABLE)
+    assert compiled.filled is not None
+    headers = {"List-Unsubscribe": "<https://example.com/u/{{ name }}>"}
+    context = {"name": value, "n": 42}
+    assert one_pass(compiled, headers, context) == jinja_only(compiled, headers, context)
+
+
+@pytest.mark.parametrize(
+    ("subject", "text", "html"),
+    [
+        ("{{ name|upper }}", "t", None),  # a filter
+        ("s", "{% if n %}{{ name }}{% endif %}", None),  # a statement
+        ("s", "t", "{{ user.name }}"),  # an attribute
+        ("s", "t", "{{ 'x' }}"),  # a constant
+    ],
+)
+def test_anything_more_than_text_and_names_is_left_to_jinja2(
+    subject: str, text: str, html: str | None
+) -> None:
+    compiled = templates.compile_parts("t", subject, text, html)
+    assert compiled.filled is None
+    context = {"name": "<b>", "n": 1, "user": {"name": "<u>"}}
+    assert one_pass(compiled, {}, context) == apart(compiled, {}, context)
+
+
+@pytest.mark.parametrize(
+    ("context", "error"),
+    [
+        ({"n": 1}, r"\(subject\).*'name' is undefined"),  # StrictUndefined's own error
+        ({"name": "x", "n": print}, r"\(text\).*cannot print a builtin_function_or_method"),
+    ],
+)
+def test_a_fill_that_cannot_go_on_fails_as_jinja2_does(
+    context: dict[str, Any], error: str
+) -> None:
+    compiled = templates.compile_parts("t", *FILLABLE)
+    with pytest.raises(TemplateError, match=error):
+        compiled.render(context)
+
+
+def test_a_global_name_is_not_printed() -> None:
+    compiled = templates.compile_parts("t", "{{ range }}", "t", None)
+    assert compiled.filled is not None
+    with pytest.raises(TemplateError, match=r"\(subject\).*cannot print a function"):
+        compiled.render({})
+
+
+def test_a_fill_over_the_output_limit_fails_as_jinja2_does() -> None:
+    compiled = templates.compile_parts("t", "s", "{{ name }}{{ name }}", None)
+    assert compiled.filled is not None
+    half = templates.MAX_OUTPUT // 2
+    assert len(compiled.render({"name": "x" * half}).text) == templates.MAX_OUTPUT
+    with pytest.raises(TemplateError, match=r"\(text\).*over"):
+        compiled.render({"name": "x" * (half + 1)})
