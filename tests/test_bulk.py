@@ -3,6 +3,7 @@ databases: every column type the outbox uses, NULLs, JSON contexts, key sets of 
 
 from __future__ import annotations
 
+import json
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -213,3 +214,19 @@ def test_a_copy_after_a_column_changed_type_is_retried_with_the_new_type(pg_db: 
     finally:
         with db.session_scope() as other:
             other.execute(text("ALTER TABLE attempts ALTER COLUMN code TYPE integer"))
+
+
+@pytest.mark.parametrize(
+    "document",
+    [
+        b'{"n": 123456789012345678}',  # 18 digits: orjson's
+        b'{"n": 1234567890123456789}',  # 19: over 63 bits, read by the json module
+        b'{"n": 12345678901234567890123, "s": "x"}',
+        b'{"s": "1234567890123456789"}',  # digits in a string: either reads it alike
+        b'{"a": 123456789, "b": 1234567890}',  # two short runs are not one long one
+        '{"n": 98765432109876543210}',  # as str (SQLite)
+    ],
+)
+def test_json_columns_read_every_integer_exactly(document: bytes | str) -> None:
+    # (repr: an integer read as a float would compare equal where the float is exact)
+    assert repr(db._json_loads(document)) == repr(json.loads(document))

@@ -48,7 +48,6 @@ _EOL = re.compile(rb"\r\n|\r(?!\n)|\n")
 _LEADING_DOT = re.compile(rb"(?m)^\.")
 _DOT_AFTER_LF = re.compile(rb"\n\.")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
-_NOT_IN_ADDRESS = re.compile(r"[\x00-\x1f\x7f<>]")  # in an envelope address
 # the phases in which a lost connection or a refusal means the server accepted nothing yet
 _NOTHING_ACCEPTED = (Phase.MAIL, Phase.RCPT, Phase.DATA)
 # the AUTH mechanisms tried, in order; only one is tried, so a wrong password fails once
@@ -384,7 +383,10 @@ class SMTPSession:
         features = self._features
         addresses = (out.sender, *out.recipients)
         for address in addresses:
-            if _NOT_IN_ADDRESS.search(address):
+            # (isprintable() is True for nearly every address: the search is left for the rest)
+            if "<" in address or ">" in address or (
+                not address.isprintable() and _CONTROL.search(address)
+            ):
                 raise _Failed(
                     SMTPReply.lost(f"address {address!r} contains a control character or <>"),
                     Phase.LOCAL,
