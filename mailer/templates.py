@@ -187,17 +187,19 @@ class _Fill:
     code does for such a template (each name looked up, finalized, made a str, escaped in
     HTML), done here for the values whose output is plain, and left to Jinja2 for the rest
     (`_Unplain`): a name not in the context (StrictUndefined's error, or a global such as
-    `range`, which the finalize refuses), a value that is not a str, int or float, an
-    output over MAX_OUTPUT. Jinja2 builds a context for each render and sends every piece
-    through a generator, a lookup and the finalize: the bench's template and header took
-    8.0 us a message, 3.5 this way, and the worker 558,969 -> 486,402 instructions a message
-    (BENCHMARKS.md)."""
+    `range`, which the finalize refuses), a value that is not a str, int or float (or an int
+    too long to print), an output over MAX_OUTPUT (counted as it grows); `self`, which
+    Jinja2 binds to the template, is never filled in. Jinja2 builds a context for each
+    render and sends every piece through a generator, a lookup and the finalize: the bench's
+    template and header took 8.0 us a message, 3.5 this way, and the worker 558,969 ->
+    486,402 instructions a message (BENCHMARKS.md)."""
 
-    __slots__ = ("escape", "pieces")
+    __slots__ = ("escape", "pieces", "text")
 
     def __init__(self, pieces: tuple[str, ...], escape: bool) -> None:
         self.pieces = pieces  # text, name, text, name, ..., text
         self.escape = escape
+        self.text = sum(map(len, pieces[::2]))  # the template's own text, in characters
 
     @classmethod
     def of(cls, env: jinja2.Environment, tree: nodes.Template) -> _Fill | None:
@@ -208,7 +210,8 @@ class _Fill:
             for child in node.nodes:
                 if isinstance(child, nodes.TemplateData):
                     pieces[-1] += child.data
-                elif isinstance(child, nodes.Name) and child.ctx == "load":
+                # `self` is Jinja2's own (the template), whatever the context holds
+                elif isinstance(child, nodes.Name) and child.ctx == "load" and child.name != "self":
                     pieces += [child.name, ""]
                 else:
                     return None
@@ -217,6 +220,7 @@ class _Fill:
     def fill(self, context: dict[str, Any]) -> str:
         out = list(self.pieces)
         escape = self.escape
+        size = self.text
         try:
             for i in range(1, len(out), 2):
                 value = context[out[i]]
@@ -224,14 +228,18 @@ class _Fill:
                 if kind is not str:
                     if kind is not int and kind is not float:
                         raise _Unplain
-                    value = str(value)
-                out[i] = markupsafe.escape(value) if escape else value
-        except KeyError:
+                    value = str(value)  # (ValueError: an int of over 4,300 digits)
+                if escape:
+                    value = markupsafe.escape(value)
+                # counted as it grows, as _render counts: a value printed many times stops
+                # at the limit, not after all of it is built
+                size += len(value)
+                if size > MAX_OUTPUT:
+                    raise _Unplain
+                out[i] = value
+        except (KeyError, ValueError):
             raise _Unplain from None
-        text = "".join(out)
-        if len(text) > MAX_OUTPUT:
-            raise _Unplain
-        return text
+        return "".join(out)
 
 
 def _compile(

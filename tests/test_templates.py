@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import tracemalloc
 from typing import Any
 
 import pytest
@@ -227,3 +228,36 @@ def test_a_fill_over_the_output_limit_fails_as_jinja2_does() -> None:
     assert len(compiled.render({"name": "x" * half}).text) == templates.MAX_OUTPUT
     with pytest.raises(TemplateError, match=r"\(text\).*over"):
         compiled.render({"name": "x" * (half + 1)})
+
+
+def test_a_fill_stops_at_the_output_limit_as_it_grows() -> None:
+    # a value printed a thousand times: the limit is reached after a few, and nothing more is
+    # built (built whole first, this took 2 GB and 4 s)
+    compiled = templates.compile_parts("t", "s", "t", "<p>{{ a }}</p>" * 1000)
+    assert compiled.filled is not None
+    tracemalloc.start()
+    try:
+        with pytest.raises(TemplateError, match=r"\(html\).*over"):
+            compiled.render({"a": "<" * 250_000})
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 200 * 2**20
+
+
+def test_self_is_the_template_whatever_the_context_holds() -> None:
+    # Jinja2 binds `self` to a TemplateReference, which the finalize refuses to print
+    compiled = templates.compile_parts("t", "Hi {{ self }}", "t", None)
+    assert compiled.filled is None
+    with pytest.raises(TemplateError, match="cannot print a TemplateReference"):
+        compiled.render({"self": "Bob"})
+    with pytest.raises(TemplateError, match="cannot print a TemplateReference"):
+        templates.render_headers({"X-A": "{{ self }}"}, {"self": "Bob"})
+
+
+def test_an_integer_too_long_to_print_fails_as_a_template_error() -> None:
+    compiled = templates.compile_parts("t", "s", "{{ n }}", None)
+    with pytest.raises(TemplateError, match=r"\(text\).*ValueError"):
+        compiled.render({"n": 10**5000})
+    with pytest.raises(TemplateError, match="ValueError"):
+        templates.render_headers({"X-A": "{{ n }}"}, {"n": 10**5000})
