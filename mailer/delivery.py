@@ -36,6 +36,7 @@ from mailer.models import DeliveryState, Message, Template
 from mailer.outcomes import Claimed, Verdict
 from mailer.replies import Phase, ReplyClass, SMTPReply, classify
 from mailer.transport.base import Outgoing, Transport
+from mailer.transport.base import send as transport_send
 from mailer.transport.relay import RelayConfig
 from mailer.transport.smtp import new_session
 
@@ -457,7 +458,8 @@ def _attempt(
         # a batch split off (too many recipients) is not the transaction announced: the
         # session then drops what it sent ahead, and `following` goes out anew
         whole = batch == outgoing.recipients
-        result = relay.send(
+        result = transport_send(
+            relay,
             outgoing if whole else outgoing._replace(recipients=batch),
             following if whole else None,
             meanwhile if whole else None,

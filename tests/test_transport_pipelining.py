@@ -227,7 +227,8 @@ def send_in_turn(
 ) -> list[list[tuple[str, int | None, Phase]]]:
     """Send each transaction with the next one announced, as the worker does."""
     following: list[Outgoing | None] = [*outs[1:], None]
-    return [summary(session.send(out, then)) for out, then in zip(outs, following, strict=True)]
+    pairs = zip(outs, following, strict=True)
+    return [summary(session.send_overlapped(out, then, None)) for out, then in pairs]
 
 
 def test_the_next_envelope_goes_out_behind_the_message(
@@ -300,18 +301,19 @@ def test_a_transaction_announced_but_not_sent_is_never_delivered(
 ) -> None:
     with ScriptedSMTPServer() as srv:
         session = session_to(srv)
-        assert summary(session.send(outgoing(A), outgoing(B))) == [(A, 250, Phase.DOT)]
+        first = session.send_overlapped(outgoing(A), outgoing(B), None)
+        assert summary(first) == [(A, 250, Phase.DOT)]
         # the caller changed its mind: the server holds B's envelope (DATA answered 354), so
         # the session drops the connection rather than let C's bytes become B's message
         assert summary(session.send(outgoing(C))) == [(C, 250, Phase.DOT)]
         assert srv.connections == 2
         e = outgoing(E)
-        session.send(outgoing(D), e)
+        session.send_overlapped(outgoing(D), e, None)
         # a NOOP now would be read as E's message: the session reconnects for it, and E then
         # goes out whole
         assert session.noop().code == 250
         assert summary(session.send(e)) == [(E, 250, Phase.DOT)]
-        session.send(outgoing(A), outgoing(B))
+        session.send_overlapped(outgoing(A), outgoing(B), None)
         session.close()  # QUIT would be read as B's message too: the connection is dropped
         assert srv.quits == 0
     assert srv.copies() == {A: 2, C: 1, D: 1, E: 1}
@@ -338,7 +340,7 @@ def test_an_envelope_announced_before_an_idle_spell_is_not_trusted(
     with ScriptedSMTPServer(idle_timeout=0.3, idle_reply="421 4.4.2 Timeout exceeded") as srv:
         session = session_to(srv, idle_noop_after=0.1)
         b = outgoing(B)
-        assert summary(session.send(outgoing(A), b)) == [(A, 250, Phase.DOT)]
+        assert summary(session.send_overlapped(outgoing(A), b, None)) == [(A, 250, Phase.DOT)]
         time.sleep(0.6)  # the server timed B's transaction out meanwhile
         assert summary(session.send(b)) == [(B, 250, Phase.DOT)]
         assert srv.copies() == {A: 1, B: 1}
@@ -350,18 +352,18 @@ def test_work_given_for_the_wait_runs_once_the_message_is_out(session_to: Any) -
         srv.reply("RCPT", "550 5.1.1 No such user", recipient=B)
         session = session_to(srv)
         ran: list[str] = []
-        assert summary(session.send(outgoing(A), meanwhile=lambda: ran.append("A"))) == [
+        assert summary(session.send_overlapped(outgoing(A), None, lambda: ran.append("A"))) == [
             (A, 250, Phase.DOT)
         ]
         # no message went out (every recipient refused): nothing to wait for, nothing run
-        session.send(outgoing(B), meanwhile=lambda: ran.append("B"))
+        session.send_overlapped(outgoing(B), None, lambda: ran.append("B"))
         assert ran == ["A"]
 
         def fails() -> None:
             raise RuntimeError("a bug in the work")
 
         # the work failing loses nothing: the message's reply is still read and reported
-        assert summary(session.send(outgoing(C), meanwhile=fails)) == [(C, 250, Phase.DOT)]
+        assert summary(session.send_overlapped(outgoing(C), None, fails)) == [(C, 250, Phase.DOT)]
         assert summary(session.send(outgoing(D))) == [(D, 250, Phase.DOT)]
         assert srv.copies() == {A: 1, C: 1, D: 1}
         assert srv.connections == 1

@@ -595,7 +595,7 @@ def test_a_reply_that_came_in_time_is_read_after_the_deadline() -> None:
         def meanwhile() -> None:
             seconds.append(second.send(outgoing(B), deadline=deadline))
 
-        result = first.send(outgoing(A), meanwhile=meanwhile, deadline=deadline)
+        result = first.send_overlapped(outgoing(A), None, meanwhile, deadline=deadline)
         assert summary(result) == [(A, 250, Phase.DOT)]
         assert summary(seconds[0]) == [(B, None, Phase.DOT)]
 

@@ -127,11 +127,14 @@ class SMTPSession:
 
     # --- the transaction ----------------------------------------------------------------
 
-    def send(
+    def send(self, outgoing: Outgoing, *, deadline: float | None = None) -> TransactionResult:
+        return self.send_overlapped(outgoing, None, None, deadline=deadline)
+
+    def send_overlapped(
         self,
         outgoing: Outgoing,
-        following: Outgoing | None = None,
-        meanwhile: Callable[[], object] | None = None,
+        following: Outgoing | None,
+        meanwhile: Callable[[], object] | None,
         *,
         deadline: float | None = None,
     ) -> TransactionResult:
