@@ -1,18 +1,15 @@
 """Bulk statements: one statement per batch on PostgreSQL, executemany on SQLite.
 
 On PostgreSQL, rows that are only inserted (the attempts) go by COPY in the binary format,
-each row written by psycopg in C: the server reads typed values instead of parsing text (its
-CPU an attempt row, as `record` writes them: 9.0-10.1 -> 7.1 us; the worker's unchanged).
+each row written by psycopg in C, so the server reads typed values instead of parsing text.
 An insert that skips conflicting rows, and every update, cannot be a COPY: those batches
 travel as one JSON document (a list of rows, written by orjson) that the server turns back
 into rows of the table's type (json_populate_recordset), so a batch is one statement with a
-fixed text, compiled once. Measured on the way here: a multi-row VALUES statement spent most
-of a worker's time in SQLAlchemy's compiler; executemany made the server run one statement
-per row; one array per column (unnest) spent 27 us per attempt row in psycopg's array
-dumper; the JSON document costs 8 us with the json module, under 1 us with orjson, and the
-server 2.2-2.5 us a row to parse it. SQLite runs in-process, where executemany is cheap. For
-the same reason a set of keys is one array parameter on PostgreSQL (`among`), not an IN list
-re-rendered for each size.
+fixed text, compiled once. Multi-row VALUES (SQLAlchemy's compiler), executemany (a statement
+a row on the server) and one array per column (psycopg's array dumper) all cost more; see
+BENCHMARKS.md, "What each step bought". SQLite runs in-process, where executemany is cheap.
+For the same reason a set of keys is one array parameter on PostgreSQL (`among`), not an IN
+list re-rendered for each size.
 """
 
 from __future__ import annotations
@@ -77,8 +74,8 @@ def among(column: Any, name: str, postgresql: bool) -> ColumnElement[bool]:
 
 class _Integers(TypeDecorator[list[int]]):
     """A list of integers sent as one array literal, '{1,2,3}', cast to an array of `kind` in
-    the statement: psycopg's list dumper takes 0.38 us an element (a regular expression for
-    each, to see whether it needs quotes), this 0.07 (a claim's 500 ids: 188 -> 35 us)."""
+    the statement: psycopg's list dumper runs a regular expression on each element to see
+    whether it needs quotes, which made it the dearest part of a claim."""
 
     impl = Text
     cache_ok = True
@@ -228,8 +225,8 @@ def postgresql(session: Session) -> bool:
 
 def _json(rows: Sequence[Row]) -> str:
     try:
-        # orjson writes aware datetimes as RFC 3339 itself: 0.5 us a row against 6 us for the
-        # json module with a callback per datetime
+        # orjson writes aware datetimes as RFC 3339 itself; the json module needs a callback
+        # for each
         return orjson.dumps(rows, option=orjson.OPT_NAIVE_UTC).decode()
     except orjson.JSONEncodeError:  # what only the json module writes (an integer over 64 bits)
         return json.dumps(rows, default=_timestamp, ensure_ascii=False)
@@ -270,7 +267,7 @@ def _pg_update(
     # sees, unlike the JSON's) and only then checked against the fence, which `IS TRUE` keeps
     # out of any index: found through the fence (WHERE state = 'sending'), whose index entries
     # grow with every delivery ever claimed until vacuum, each write of a campaign cost more
-    # than the last (159 us of PostgreSQL CPU a delivery after 20,000 claims). The JSON is read
+    # than the last. The JSON is read
     # once (MATERIALIZED): as the inner side of a nested loop it was parsed again for every row.
     fenced = "".join(f" AND (t.{c} = :f_{c}) IS TRUE" for c in fence)
     sql = (

@@ -62,13 +62,13 @@ def _create(url: str) -> Engine:
 
 
 def _json_loads(document: str | bytes) -> Any:
-    """JSON columns (every delivery's context, as it is claimed) read by orjson: 1 us where
-    the json module took 7. The json module reads what orjson reads otherwise, or not at all:
+    """JSON columns (every delivery's context, as it is claimed) read by orjson, several times
+    faster than the json module, which reads what orjson reads otherwise, or not at all:
     a run of 19 digits anywhere (an integer over 64 bits, which orjson makes a float; or a
     string that merely looks like one), and what orjson refuses (a lone surrogate, which
     SQLite keeps as an escape)."""
     raw = document if isinstance(document, bytes) else document.encode()
-    if _LONG_NUMBER in raw.translate(_DIGITS):  # 0.17 us a context, where a regex took 0.63
+    if _LONG_NUMBER in raw.translate(_DIGITS):  # a C-level scan, cheaper than a regex
         return json.loads(document)
     try:
         return orjson.loads(document)

@@ -86,7 +86,7 @@ _ENHANCED = re.compile(r"([245])\.(\d{1,3})\.(\d{1,3})(?![\w.])")
 
 class SMTPReply(NamedTuple):
     """One server reply. `code` is None when the connection failed instead of replying. (A
-    tuple: one is made for most messages, and a frozen dataclass cost 1 us more to make.)"""
+    tuple: one is made for most messages, and a tuple is cheaper to make than a dataclass.)"""
 
     code: int | None
     text: str
