@@ -58,73 +58,110 @@ def _latencies(t: dict[str, Any]) -> str:
     )
 
 
+_CLIENTS = ("lockstep", "pipelined", "smtp-source", "lockstep-rtt20", "pipelined-rtt20")
+
+
+def _warnings(runs: list[dict[str, Any]]) -> str:
+    """Failed runs, and runs made with different mailer code."""
+    errs = sum(1 for r in runs if "exception" in r)
+    bad = f"; {errs} of {len(runs)} run(s) FAILED" if errs else ""
+    codes = {r.get("mailer_code") for r in runs} | {
+        r["mailer_code_changed_to"] for r in runs if "mailer_code_changed_to" in r
+    }
+    codes.discard(None)
+    if len(codes) > 1:
+        bad += f"; mailer/ CHANGED between or during runs ({len(codes)} versions)"
+    return bad
+
+
+def _machine(m: dict[str, Any]) -> str:
+    busy = m.get("machine_cpu_busy")
+    return f"; machine {busy:.0%} busy" if busy is not None else ""
+
+
+def _clients_row(case: str, m: dict[str, Any], args: argparse.Namespace) -> list[str]:
+    via = f", through the {args.rtt_ms:g} ms RTT proxy" if case.endswith("rtt20") else ""
+    who = f"{args.clients} client processes"
+    if case == "smtp-source":
+        who = f"{m.get('sessions', 0):.0f} sessions, no PIPELINING"
+    notes = f"{m.get('messages', 0):.0f} msgs, {who}{via}"
+    cpu = m.get("client_cpu_ms_per_msg")
+    return [case, fmt_rate(m.get("msgs_per_s")), _cpu(cpu), notes]
+
+
+def _naive_row(case: str, m: dict[str, Any], args: argparse.Namespace) -> list[str]:
+    conc = f"{args.pool} -c {args.concurrency}"
+    notes = f"{m.get('messages', 0):.0f} msgs, {conc}; worker RSS {_worker_rss(m)}{_machine(m)}"
+    cpu = m.get("worker_cpu_ms_per_msg")
+    return [case, fmt_rate(m.get("msgs_per_s")), _cpu(cpu), notes]
+
+
+def _mailer_row(case: str, m: dict[str, Any], args: argparse.Namespace) -> list[str]:
+    how = f"{args.pool} -c {args.mailer_concurrency}"
+    if case == "mailer-pg-lockstep":
+        how += ", PIPELINING off"
+    if case.endswith("rtt20"):
+        how = f"{args.pool} -c {args.rtt_concurrency}, MAILER_SMTP_SESSIONS={args.rtt_sessions}"
+    notes = (
+        f"{m.get('recipients', 0):.0f} rcpts, {how}; "
+        f"{fmt_rate(m.get('msgs_per_s_from_spawn'))}/s from worker spawn; enqueue "
+        f"{fmt_rate(m.get('enqueue_per_s'))}/s; peak RSS producer "
+        f"{m.get('producer_peak_rss_mb', 0):.0f} MB, worker {_worker_rss(m)}{_machine(m)}"
+    )
+    if case == "txn-busy":
+        t = m.get("txn", {})
+        notes = f"send() during the campaign: {_latencies(t)}; " + notes
+    cpu = m.get("worker_cpu_ms_per_msg")
+    return [case, fmt_rate(m.get("msgs_per_s")), _cpu(cpu), notes]
+
+
+def _enqueue_csv_row(case: str, m: dict[str, Any], args: argparse.Namespace) -> list[str]:
+    notes = (
+        f"{fmt_rate(m.get('enqueue_per_s'))} recipients/s: {m.get('recipients', 0):,.0f} "
+        f"CSV rows in {m.get('enqueue_seconds', 0):.1f} s, process start to exit; "
+        f"peak RSS {m.get('producer_peak_rss_mb', 0):.0f} MB"
+    )
+    return [case, "-", "-", notes]
+
+
+def _txn_idle_row(case: str, m: dict[str, Any], args: argparse.Namespace) -> list[str]:
+    notes = (
+        f"send() to an idle worker: {_latencies(m)}; first call "
+        f"of a process {fmt_ms(m.get('first_call_s'))} ms"
+    )
+    return [case, "-", "-", notes]
+
+
+def _row(case: str, m: dict[str, Any], args: argparse.Namespace) -> list[str] | None:
+    """A case's table row (what, msgs/s, CPU ms/msg, notes) from its medians."""
+    if case in _CLIENTS:
+        return _clients_row(case, m, args)
+    if case == "naive":
+        return _naive_row(case, m, args)
+    if case.startswith("mailer") or case == "txn-busy":
+        return _mailer_row(case, m, args)
+    if case == "enqueue-csv":
+        return _enqueue_csv_row(case, m, args)
+    if case == "txn-idle":
+        return _txn_idle_row(case, m, args)
+    return None
+
+
 def summarize(
     report: dict[str, Any], args: argparse.Namespace
 ) -> tuple[list[list[str]], dict[str, float]]:
     """Table rows (what, msgs/s, CPU ms/msg, notes) and the ratios, from the runs' medians."""
     cases = report["cases"]
     rows: list[list[str]] = []
-    conc = f"{args.pool} -c {args.concurrency}"
     for case, c in cases.items():
         if "skipped" in c:
             rows.append([case, "-", "-", c["skipped"]])
             continue
         m = c["median"] = _medians(c["runs"])
-        errs = sum(1 for r in c["runs"] if "exception" in r)
-        bad = f"; {errs} of {len(c['runs'])} run(s) FAILED" if errs else ""
-        codes = {r.get("mailer_code") for r in c["runs"]} | {
-            r["mailer_code_changed_to"] for r in c["runs"] if "mailer_code_changed_to" in r
-        }
-        codes.discard(None)
-        if len(codes) > 1:
-            bad += f"; mailer/ CHANGED between or during runs ({len(codes)} versions)"
-        busy = m.get("machine_cpu_busy")
-        machine = f"; machine {busy:.0%} busy" if busy is not None else ""
-        if case in ("lockstep", "pipelined", "smtp-source", "lockstep-rtt20", "pipelined-rtt20"):
-            via = f", through the {args.rtt_ms:g} ms RTT proxy" if case.endswith("rtt20") else ""
-            who = f"{args.clients} client processes"
-            if case == "smtp-source":
-                who = f"{m.get('sessions', 0):.0f} sessions, no PIPELINING"
-            notes = f"{m.get('messages', 0):.0f} msgs, {who}{via}"
-            cpu = m.get("client_cpu_ms_per_msg")
-            rows.append([case, fmt_rate(m.get("msgs_per_s")), _cpu(cpu), notes + bad])
-        elif case == "naive":
-            notes = f"{m.get('messages', 0):.0f} msgs, {conc}; worker RSS {_worker_rss(m)}{machine}"
-            cpu = m.get("worker_cpu_ms_per_msg")
-            rows.append([case, fmt_rate(m.get("msgs_per_s")), _cpu(cpu), notes + bad])
-        elif case.startswith("mailer") or case == "txn-busy":
-            how = f"{args.pool} -c {args.mailer_concurrency}"
-            if case == "mailer-pg-lockstep":
-                how += ", PIPELINING off"
-            if case.endswith("rtt20"):
-                how = (
-                    f"{args.pool} -c {args.rtt_concurrency}, "
-                    f"MAILER_SMTP_SESSIONS={args.rtt_sessions}"
-                )
-            notes = (
-                f"{m.get('recipients', 0):.0f} rcpts, {how}; "
-                f"{fmt_rate(m.get('msgs_per_s_from_spawn'))}/s from worker spawn; enqueue "
-                f"{fmt_rate(m.get('enqueue_per_s'))}/s; peak RSS producer "
-                f"{m.get('producer_peak_rss_mb', 0):.0f} MB, worker {_worker_rss(m)}{machine}"
-            )
-            if case == "txn-busy":
-                t = m.get("txn", {})
-                notes = f"send() during the campaign: {_latencies(t)}; " + notes
-            cpu = m.get("worker_cpu_ms_per_msg")
-            rows.append([case, fmt_rate(m.get("msgs_per_s")), _cpu(cpu), notes + bad])
-        elif case == "enqueue-csv":
-            notes = (
-                f"{fmt_rate(m.get('enqueue_per_s'))} recipients/s: {m.get('recipients', 0):,.0f} "
-                f"CSV rows in {m.get('enqueue_seconds', 0):.1f} s, process start to exit; "
-                f"peak RSS {m.get('producer_peak_rss_mb', 0):.0f} MB"
-            )
-            rows.append([case, "-", "-", notes + bad])
-        elif case == "txn-idle":
-            notes = (
-                f"send() to an idle worker: {_latencies(m)}; first call "
-                f"of a process {fmt_ms(m.get('first_call_s'))} ms"
-            )
-            rows.append([case, "-", "-", notes + bad])
+        row = _row(case, m, args)
+        if row is not None:
+            row[3] += _warnings(c["runs"])
+            rows.append(row)
 
     def rate(case: str) -> float | None:
         value = cases.get(case, {}).get("median", {}).get("msgs_per_s")

@@ -32,8 +32,11 @@ from infra import BENCH, PROCS
 from machine import machine_info, pg_probe, yardstick_ms
 from mailer_cases import case_enqueue_csv, case_mailer, case_txn_idle
 from report import fmt_ms, fmt_rate, print_table, round_ratios, summarize
-from session import Bench, now, pg_execute
-from session import fresh_schema as fresh_schema  # bench/instructions.py imports it from here
+from session import Bench, now
+
+# bench/instructions.py imports these from here
+from session import fresh_schema as fresh_schema
+from session import pg_execute as pg_execute
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -218,6 +221,94 @@ class CaseRunner:
         )
 
 
+# the variables the bench sets for mailer itself; others set in its environment are recorded
+_OWN_VARIABLES = (
+    "MAILER_DATABASE_URL",
+    "MAILER_BROKER_URL",
+    "MAILER_SMTP_URL",
+    "MAILER_FROM",
+    "MAILER_LOG_LEVEL",
+)
+
+
+def session_config(b: Bench) -> dict[str, Any]:
+    """The settings the session ran with, for the JSON file."""
+    args = b.args
+    return {
+        "args": {k: v for k, v in vars(args).items() if k != "cases"},
+        "cases": args.cases,
+        "sink": {"kind": b.sink.kind, "argv": b.sink.argv},
+        "redis": {"version": b.redis.version, "url": b.redis.url},
+        "postgresql": b.pg_note,
+        "pg_schema": args.pg_schema,
+        "mailer_env_passed_through": {
+            k: v
+            for k, v in os.environ.items()
+            if k.startswith("MAILER_") and k not in _OWN_VARIABLES
+        },
+        "message_bytes": len(__import__("content").build_message()),
+    }
+
+
+def skip_reason(b: Bench, case: str) -> str | None:
+    if case.startswith(("mailer-pg", "txn")) and b.pg_url is None:
+        return f"PostgreSQL unavailable: {b.pg_note}"
+    if case == "smtp-source" and infra.postfix_tool("smtp-source") is None:
+        return "smtp-source is not installed (apt-get install postfix)"
+    return None
+
+
+def run_cases(b: Bench, report: dict[str, Any]) -> bool:
+    """Every case's runs, a round at a time, into the report; True if a run failed."""
+    args = b.args
+    runners: dict[str, CaseRunner] = {}
+    for case in args.cases:
+        print(f"- {case}: {CASES[case]}", flush=True)
+        skip = skip_reason(b, case)
+        if skip:
+            report["cases"][case] = {"description": CASES[case], "runs": [], "skipped": skip}
+            print(f"  skipped: {skip}")
+            continue
+        runners[case] = CaseRunner(b, case)
+    try:
+        for round_no in range(args.runs):
+            if args.runs > 1:
+                print(f"round {round_no + 1} of {args.runs}", flush=True)
+            for runner in runners.values():
+                runner.once()
+    finally:
+        for runner in runners.values():
+            runner.close()
+    failed = False
+    for case, runner in runners.items():
+        failed |= any("exception" in r or "error" in r for r in runner.runs)
+        report["cases"][case] = {"description": CASES[case], "runs": runner.runs}
+    return failed
+
+
+def report_results(report: dict[str, Any], args: argparse.Namespace) -> None:
+    """The summary, ratios and yardstick into the report, and the table printed."""
+    rows, ratios = summarize(report, args)
+    report["summary"] = [
+        {
+            "what": r[0],
+            "msgs_per_s": report["cases"][r[0]].get("median", {}).get("msgs_per_s"),
+            "cpu_ms_per_msg": r[2],
+            "notes": r[3],
+        }
+        for r in rows
+    ]
+    report["ratios"] = ratios
+    report["ratios_by_round"] = by_round = round_ratios(report, ratios)
+    report["machine"]["yardstick_ms_end"] = yardstick_ms()
+    print_table(rows, ratios, args.runs, by_round)
+    print(
+        "machine yardstick (a fixed pure-Python loop, lower is faster; compare machines "
+        f"with it): {report['machine']['yardstick_ms_start']:.1f} ms at the start, "
+        f"{report['machine']['yardstick_ms_end']:.1f} ms at the end\n"
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     infra.install_signal_handlers()
@@ -232,77 +323,14 @@ def main(argv: list[str] | None = None) -> int:
         redis = infra.Redis(workdir)
         sink = infra.Sink(workdir, args.sink)
         b = Bench(args, workdir, redis, sink, pg_url, pg_note)
-        report["config"] = {
-            "args": {k: v for k, v in vars(args).items() if k != "cases"},
-            "cases": args.cases,
-            "sink": {"kind": sink.kind, "argv": sink.argv},
-            "redis": {"version": redis.version, "url": redis.url},
-            "postgresql": pg_note,
-            "pg_schema": args.pg_schema,
-            "mailer_env_passed_through": {
-                k: v
-                for k, v in os.environ.items()
-                if k.startswith("MAILER_")
-                and k
-                not in (
-                    "MAILER_DATABASE_URL",
-                    "MAILER_BROKER_URL",
-                    "MAILER_SMTP_URL",
-                    "MAILER_FROM",
-                    "MAILER_LOG_LEVEL",
-                )
-            },
-            "message_bytes": len(__import__("content").build_message()),
-        }
+        report["config"] = session_config(b)
         print(
             f"mailer bench: {len(args.cases)} case(s) x {args.runs} run(s); sink {sink.kind} "
             f":{sink.port}, redis :{redis.port}, {pg_note}; work dir {workdir}",
             flush=True,
         )
-        runners: dict[str, CaseRunner] = {}
-        for case in args.cases:
-            print(f"- {case}: {CASES[case]}", flush=True)
-            skip = None
-            if case.startswith(("mailer-pg", "txn")) and pg_url is None:
-                skip = f"PostgreSQL unavailable: {pg_note}"
-            if case == "smtp-source" and infra.postfix_tool("smtp-source") is None:
-                skip = "smtp-source is not installed (apt-get install postfix)"
-            if skip:
-                report["cases"][case] = {"description": CASES[case], "runs": [], "skipped": skip}
-                print(f"  skipped: {skip}")
-                continue
-            runners[case] = CaseRunner(b, case)
-        try:
-            for round_no in range(args.runs):
-                if args.runs > 1:
-                    print(f"round {round_no + 1} of {args.runs}", flush=True)
-                for runner in runners.values():
-                    runner.once()
-        finally:
-            for runner in runners.values():
-                runner.close()
-        for case, runner in runners.items():
-            failed |= any("exception" in r or "error" in r for r in runner.runs)
-            report["cases"][case] = {"description": CASES[case], "runs": runner.runs}
-        rows, ratios = summarize(report, args)
-        report["summary"] = [
-            {
-                "what": r[0],
-                "msgs_per_s": report["cases"][r[0]].get("median", {}).get("msgs_per_s"),
-                "cpu_ms_per_msg": r[2],
-                "notes": r[3],
-            }
-            for r in rows
-        ]
-        report["ratios"] = ratios
-        report["ratios_by_round"] = by_round = round_ratios(report, ratios)
-        report["machine"]["yardstick_ms_end"] = yardstick_ms()
-        print_table(rows, ratios, args.runs, by_round)
-        print(
-            "machine yardstick (a fixed pure-Python loop, lower is faster; compare machines "
-            f"with it): {report['machine']['yardstick_ms_start']:.1f} ms at the start, "
-            f"{report['machine']['yardstick_ms_end']:.1f} ms at the end\n"
-        )
+        failed = run_cases(b, report)
+        report_results(report, args)
     except BaseException as exc:
         failed = True
         report["error"] = f"{type(exc).__name__}: {exc}"
