@@ -3,13 +3,25 @@
 from __future__ import annotations
 
 from celery import Celery
-from kombu.entity import Queue
+from kombu.entity import Exchange, Queue
 
 from mailer import broker
 from mailer.config import Settings, settings
 from mailer.models import Priority
 
 app = Celery("mailer", include=["mailer.tasks"])
+
+
+# Each queue on a direct exchange of its own name, bound by its own name. Given none, Celery
+# binds every queue to the default queue's exchange and key (bulk/bulk), and a task published
+# to that exchange reaches every queue. Producers publish to the nameless default exchange by
+# queue name (publish.py; Celery does the same for a direct queue named in `queue=`), which
+# kombu's Redis transport delivers with no binding: a wake-up sent before any worker declared
+# the queues is kept, while one sent to a named exchange whose binding is not yet in Redis
+# would be dropped.
+def queues() -> list[Queue]:
+    """The task queues, transactional first (the order workers take them in)."""
+    return [Queue(p.value, Exchange(p.value, type="direct"), routing_key=p.value) for p in Priority]
 
 
 def configure(s: Settings | None = None) -> Celery:
@@ -35,7 +47,7 @@ def configure(s: Settings | None = None) -> Celery:
             "visibility_timeout": max(3600, int(s.lease_seconds * 6)),
             # the queues in the order given (transactional first), not in turn: taken in turn,
             # every other free process went to a campaign chunk however many transactional
-            # messages waited (p50 550 ms during a campaign at 500-delivery chunks; 51 ms so)
+            # messages waited (see BENCHMARKS.md, "What each step bought")
             "queue_order_strategy": "priority",
         },
         broker_connection_retry_on_startup=True,
@@ -43,7 +55,7 @@ def configure(s: Settings | None = None) -> Celery:
         # (cancelling it would leave sent mail unrecorded, to be sent again after the lease);
         # its redelivered copy then claims nothing
         worker_cancel_long_running_tasks_on_connection_loss=False,
-        task_queues=[Queue(p.value) for p in Priority],
+        task_queues=queues(),
         task_default_queue=Priority.BULK.value,
         worker_hijack_root_logger=False,
         worker_redirect_stdouts=False,

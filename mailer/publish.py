@@ -32,7 +32,7 @@ def publish(ids: Iterable[int], priority: Priority, chunk_size: int) -> int:
         with app.connection_for_write() as connection:
             producer = app.amqp.Producer(connection)
             # kombu sends the tasks to Redis in pipelines, up to PUBLISH_BATCH at a time,
-            # instead of one round trip each (200 tasks: 90-98 -> 58-68 ms)
+            # instead of one round trip each
             with producer.batch(max_size=PUBLISH_BATCH):
                 for chunk in bulk.chunks(ids, chunk_size):
                     app.send_task(
@@ -41,9 +41,11 @@ def publish(ids: Iterable[int], priority: Priority, chunk_size: int) -> int:
                         queue=priority.value,
                         producer=producer,
                         retry=True,
-                        # no declaration per task: Celery sends to the default exchange,
-                        # which Redis delivers by queue name, and workers declare their
-                        # queues (kombu's declaring took a fifth of publishing: 147 -> 115 us)
+                        # no declaration per task: Celery sends a task for a named direct
+                        # queue to the nameless default exchange, which Redis delivers by
+                        # queue name with no binding, so wake-ups published before any worker
+                        # declared the queues are kept (celery_app.queues); kombu's check per
+                        # task was a fifth of publishing (BENCHMARKS.md, "What each step bought")
                         declare=[],
                         retry_policy=_ONE_QUICK_RETRY,
                         # what logs and monitors show for the arguments; Celery's own repr of
