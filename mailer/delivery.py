@@ -102,6 +102,11 @@ class _Held(NamedTuple):
 
 # what attempting a group comes to: its verdicts, or held back by a hook
 _Result = list[Verdict] | _Held
+# how lanes attempt a group: (session, group, composed, composed next or None, meanwhile)
+_Attempt = Callable[
+    [Transport, list["_Work"], Outgoing | str, Outgoing | str | None, Callable[[], object]],
+    _Result,
+]
 
 
 @dataclass
@@ -256,7 +261,7 @@ def _composed(group: list[_Work]) -> Outgoing | str:
         return f"could not be composed: {type(exc).__name__}: {exc}"
 
 
-def _attempts(chunk: _Chunk, deadline: float) -> Callable[..., _Result]:
+def _attempts(chunk: _Chunk, deadline: float) -> _Attempt:
     """How lanes attempt a group: sent, no reply awaited past `deadline`; where a hook may
     say "not now", asked first (decided once a chunk: no hook, no call)."""
 
@@ -398,7 +403,7 @@ def _compose(group: list[_Work]) -> Outgoing:
         headers=headers,
         smtputf8=smtputf8,
     )
-    return Outgoing(message.from_addr, recipients, data, smtputf8)
+    return Outgoing(message.from_addr, recipients, data, smtputf8, crlf_only=True)
 
 
 def _hand_back(

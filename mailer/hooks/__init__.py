@@ -49,9 +49,10 @@ class Hooks:
         suppressed)."""
 
     def before_transaction(self, chunk: Chunk, deliveries: Sequence[Claimed]) -> NotNow:
-        """The group about to be sent in one transaction. None: send it; a time or a delay:
-        not now, the group is handed back deferred until then, no attempt spent, and the rest
-        of the chunk goes on."""
+        """The group about to be sent in one transaction. None: send it. Not now: a time (an
+        aware datetime, as mailer.clock gives) or a delay (a timedelta, or seconds); the
+        group is handed back deferred until then, no attempt spent, and the rest of the chunk
+        goes on."""
         return None
 
     def verdicts_recorded(self, chunk: Chunk, verdicts: Sequence[Verdict]) -> None:
