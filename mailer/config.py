@@ -36,6 +36,7 @@ class Settings:
     republish_after: float
     relay_backoff: float
     log_level: str
+    hooks: tuple[str, ...] = ()
 
 
 # name, default, meaning: `mailer config` prints these, and the README's table lists them
@@ -90,6 +91,12 @@ VARIABLES: list[tuple[str, str, str]] = [
         "seconds a relay rests after throttling (421, 4.7.x) or a failed connection",
     ),
     ("MAILER_LOG_LEVEL", "INFO", "DEBUG, INFO, WARNING or ERROR"),
+    (
+        "MAILER_HOOKS",
+        "",
+        "delivery hooks, comma-separated `package.module:attribute` paths of mailer.hooks.Hooks "
+        "subclasses or instances (e.g. mailer.hooks.chunklog:ChunkLog logs a line a chunk)",
+    ),
 ]
 _DEFAULTS = {name: default for name, default, _ in VARIABLES}
 
@@ -127,6 +134,7 @@ def load(env: Mapping[str, str] = os.environ) -> Settings:
         republish_after=parsed("MAILER_REPUBLISH_AFTER", _seconds),
         relay_backoff=parsed("MAILER_RELAY_BACKOFF", _seconds),
         log_level=parsed("MAILER_LOG_LEVEL", _log_level),
+        hooks=parsed("MAILER_HOOKS", _hooks),
     )
 
 
@@ -144,7 +152,7 @@ def reload() -> Settings:
 
 def _sessions(value: str, relay: RelayConfig) -> int:
     """More sessions pay while a process waits for a distant relay's answers. A relay on this
-    host answers at once: two sessions, which one thread drives in step (delivery.IN_STEP), so
+    host answers at once: two sessions, which one thread drives in step (lanes.IN_STEP), so
     that one wait covers both; more would be threads of one process contending for the
     interpreter (BENCHMARKS.md). The worker's several processes already keep the relay busy."""
     if value.strip().lower() == "auto":
@@ -225,3 +233,13 @@ def _log_level(value: str) -> str:
     if value.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
         raise ValueError("must be DEBUG, INFO, WARNING or ERROR")
     return value.upper()
+
+
+def _hooks(value: str) -> tuple[str, ...]:
+    """Each path imported now, so that a worker with a wrong one does not start."""
+    from mailer import hooks  # not at the top: a hook's module may import the rest of mailer
+
+    paths = tuple(path.strip() for path in value.split(",") if path.strip())
+    for path in paths:
+        hooks.resolve(path)
+    return paths

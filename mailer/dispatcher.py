@@ -18,7 +18,7 @@ from sqlalchemy import and_, exists, or_, select, text, update
 from sqlalchemy.exc import InterfaceError, OperationalError
 from sqlalchemy.orm import Session
 
-from mailer import bulk, clock, db, outcomes, publish
+from mailer import bulk, clock, db, outcomes, publish, relay_health
 from mailer.config import Settings
 from mailer.config import settings as current_settings
 from mailer.errors import DatabaseUnavailable
@@ -43,8 +43,8 @@ def run_once(settings: Settings | None = None, *, backlog: int | None = -1) -> P
     now = clock.now()
     report = PassReport()
     with db.session_scope() as session:
-        report.expired = _expire(session, now)
-        block = outcomes.relay_block(session, s.smtp.name, now)
+        report.expired = outcomes.expire(session, now)
+        block = relay_health.block(session, s.smtp.name, now)
         if block is not None:
             report.relay_blocked = f"relay {s.smtp.name} {block.why}"
             return report
@@ -93,23 +93,6 @@ def _due(
         .limit(BATCH)
     )
     return list(session.scalars(query))
-
-
-def _expire(session: Session, now: datetime) -> int:
-    """Close what can no longer go out: past its message's expires_at. (Age against the retry
-    policy is judged when a try fails, so that the last try happens at the maximum age.)"""
-    message_expired = select(Message.id).where(Message.expires_at <= now)
-    result: Any = session.execute(
-        update(Delivery)
-        .where(
-            Delivery.state.in_([S.QUEUED, S.DEFERRED]),
-            Delivery.message_id.in_(message_expired),
-        )
-        .values(
-            state=S.EXPIRED, last_reply="the message expired before it was sent", updated_at=now
-        )
-    )
-    return max(int(result.rowcount), 0)
 
 
 def run(settings: Settings | None = None, stop: threading.Event | None = None) -> None:

@@ -11,14 +11,13 @@ from __future__ import annotations
 import functools
 import logging
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, NamedTuple
 
 from sqlalchemy import Select, and_, bindparam, delete, func, or_, select, update
 from sqlalchemy.orm import Session
 
-from mailer import backoff, bulk, db, suppressions
+from mailer import backoff, bulk, relay_health, suppressions
 from mailer.config import Settings
 from mailer.errors import NotFound
 from mailer.models import (
@@ -27,7 +26,6 @@ from mailer.models import (
     Delivery,
     DeliveryState,
     Message,
-    Relay,
     Suppression,
 )
 from mailer.replies import Phase, ReplyClass, SMTPReply
@@ -38,7 +36,7 @@ S = DeliveryState
 
 class Verdict(NamedTuple):
     """One delivery's result in one attempt, classified (a tuple: one is made for every
-    message, and a frozen dataclass cost 1 us more to make)."""
+    message, and a tuple is cheaper to make than a frozen dataclass)."""
 
     delivery_id: int
     recipient: str
@@ -157,7 +155,7 @@ def record(
         suppressions.add(
             session, ((v.recipient, f"hard bounce: {v.reply}", v.delivery_id) for v in bounced), now
         )
-    _relay_health(session, verdicts, settings, now)
+    relay_health.observe(session, verdicts, settings.relay_backoff, now)
     if changed < len(rows):
         log.warning(
             "%d of %d outcomes not recorded: their lease had expired and another worker "
@@ -168,8 +166,8 @@ def record(
     return changed
 
 
-# The enums' members go into rows as they are: each is a str (StrEnum), whose `.value` costs
-# two Python calls (1 us a row for the four of them)
+# The enums' members go into rows as they are: each is a str (StrEnum), and `.value` would
+# cost two Python calls a member on every row
 def _attempt_row(v: Verdict) -> dict[str, Any]:
     return {
         "delivery_id": v.delivery_id,
@@ -235,17 +233,54 @@ def _next_state(
     return (S.EXPIRED, failures, now) if when is None else (S.DEFERRED, failures, when)
 
 
-def _relay_health(
-    session: Session, verdicts: Sequence[Verdict], settings: Settings, now: datetime
-) -> None:
-    for v in verdicts:
-        if v.klass is ReplyClass.CONFIGURATION:
-            pause_relay(session, v.relay, f"{v.phase.value}: {v.reply}", now)
-            return
-    for v in verdicts:
-        if v.klass in (ReplyClass.THROTTLED, ReplyClass.CONNECTION):
-            rest_relay(session, v.relay, now + timedelta(seconds=settings.relay_backoff), now)
-            return
+# --- deliveries not sent: closed, or handed back ---------------------------------------------
+
+
+def unsendable(
+    expires_at: datetime | None, suppressed: str | None, now: datetime
+) -> tuple[DeliveryState, str] | None:
+    """Why a claimed delivery must be closed without being offered to a server (its state and
+    reply), or None: its message expired (`expires_at`), or its address is on the suppression
+    list (`suppressed`: the list's reason)."""
+    if expires_at is not None and now >= expires_at:
+        return S.EXPIRED, f"message expired at {expires_at.isoformat()}"
+    if suppressed is not None:
+        return S.SUPPRESSED, f"suppressed: {suppressed}"
+    return None
+
+
+def untried(
+    stops: Sequence[ReplyClass], settings: Settings, now: datetime
+) -> tuple[DeliveryState, datetime]:
+    """Where deliveries a chunk did not try go back to, and when they are due, given the
+    relay-wide failures that stopped it (`stops`; none: its time ran out). Paused
+    (configuration, which outranks a resting relay) or time run out: queued, due now, and the
+    dispatcher's next pass publishes them; resting: deferred until the relay's rest is over."""
+    if not stops or ReplyClass.CONFIGURATION in stops:
+        return S.QUEUED, now
+    return S.DEFERRED, now + timedelta(seconds=settings.relay_backoff)
+
+
+def held(until: datetime, now: datetime) -> tuple[DeliveryState, datetime]:
+    """Where deliveries a hook said "not now" to go back to (no attempt spent), and when."""
+    return S.DEFERRED, max(until, now)
+
+
+def expire(session: Session, now: datetime) -> int:
+    """Close what can no longer go out: past its message's expires_at. (Age against the retry
+    policy is judged when a try fails, so that the last try happens at the maximum age.)"""
+    message_expired = select(Message.id).where(Message.expires_at <= now)
+    result: Any = session.execute(
+        update(Delivery)
+        .where(
+            Delivery.state.in_([S.QUEUED, S.DEFERRED]),
+            Delivery.message_id.in_(message_expired),
+        )
+        .values(
+            state=S.EXPIRED, last_reply="the message expired before it was sent", updated_at=now
+        )
+    )
+    return max(int(result.rowcount), 0)
 
 
 # --- other transitions -------------------------------------------------------------------------
@@ -260,7 +295,9 @@ def release(
     not_before: datetime,
     now: datetime,
 ) -> None:
-    """Hand claimed deliveries back untried (the relay failed part-way through a chunk)."""
+    """Hand claimed deliveries back untried (the relay failed part-way through a chunk, its
+    time ran out, or a hook said "not now"), in the `state` and at the time that `untried` or
+    `held` chose."""
     session.execute(
         update(Delivery)
         .where(
@@ -374,50 +411,3 @@ def pause_campaign(session: Session, campaign_id: int, paused: bool, now: dateti
             .where(Delivery.message_id.in_(waiting), Delivery.state.in_([S.QUEUED, S.DEFERRED]))
             .values(published_at=None, updated_at=now)
         )
-
-
-def pause_relay(session: Session, name: str, reason: str, now: datetime) -> None:
-    _upsert_relay(session, name, {"paused_reason": reason, "updated_at": now})
-    log.error(
-        "relay %s paused: %s -- fix the configuration, then `mailer relay resume`", name, reason
-    )
-
-
-def rest_relay(session: Session, name: str, until: datetime, now: datetime) -> None:
-    _upsert_relay(session, name, {"backoff_until": until, "updated_at": now})
-    log.warning("relay %s throttled or unreachable: resting until %s", name, until.isoformat())
-
-
-def resume_relay(session: Session, name: str, now: datetime) -> None:
-    _upsert_relay(session, name, {"paused_reason": None, "backoff_until": None, "updated_at": now})
-
-
-def _upsert_relay(session: Session, name: str, values: dict[str, Any]) -> None:
-    stmt = db.dialect_insert(session)(Relay).values(name=name, **values)
-    session.execute(stmt.on_conflict_do_update(index_elements=["name"], set_=values))
-
-
-@dataclass(frozen=True)
-class RelayBlock:
-    """Why the relay cannot be used now, and until when (paused: until an operator resumes
-    it; the work is due again at once, and the dispatcher holds back meanwhile)."""
-
-    until: datetime
-    why: str
-
-
-_relay_health_of = select(Relay.paused_reason, Relay.backoff_until).where(
-    Relay.name == bindparam("name")
-)
-
-
-def relay_block(session: Session, name: str, now: datetime) -> RelayBlock | None:
-    """None when the relay is usable."""
-    state = session.connection().execute(_relay_health_of, {"name": name}).first()
-    if state is None:
-        return None
-    if state.paused_reason:
-        return RelayBlock(now, f"paused: {state.paused_reason}")
-    if state.backoff_until is not None and state.backoff_until > now:
-        return RelayBlock(state.backoff_until, f"resting until {state.backoff_until.isoformat()}")
-    return None

@@ -21,9 +21,8 @@ def deliver(ids: list[int]) -> None:
 def _after_fork(**_: Any) -> None:
     # connections inherited from the parent must not be shared with it
     db.reset(after_fork=True)
-    # what the process has built so far (modules, Celery, SQLAlchemy: ~100,000 objects) lives
-    # as long as it: out of the collector's way, its collections cost 1.4 instead of 4 us a
-    # message (BENCHMARKS.md)
+    # what the process has built so far (modules, Celery, SQLAlchemy) lives as long as it: out
+    # of the collector's way, its collections cost far less a message (BENCHMARKS.md)
     gc.freeze()
 
 

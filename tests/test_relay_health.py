@@ -198,7 +198,7 @@ def _attempts_failing_at(
 
 
 @pytest.mark.parametrize(
-    ("sessions", "count", "bug_at", "kept"),
+    "case",
     [
         # lanes of two and one session: the other lanes were sending when r4's failed
         (3, 9, "r4@example.com", None),
@@ -208,8 +208,9 @@ def _attempts_failing_at(
     ],
 )
 def test_what_other_sessions_sent_is_recorded_when_one_fails(
-    sqlite_db, configure_env, monkeypatch, sessions: int, count: int, bug_at: str, kept: str | None
+    sqlite_db, configure_env, monkeypatch, case: tuple[int, int, str, str | None]
 ) -> None:
+    sessions, count, bug_at, kept = case
     # a lane failing (a bug) ends the chunk; the messages the other lanes were sending, or had
     # sent and not yet handed on, went out, and get their outcomes recorded rather than being
     # sent again later

@@ -17,11 +17,11 @@ def relay_group() -> None:
 @relay_group.command("status")
 def relay_status() -> None:
     """Show whether the configured relay is paused or resting."""
-    from mailer import outcomes
+    from mailer import relay_health
 
     s = config.settings()
     with db.session_scope() as session:
-        block = outcomes.relay_block(session, s.smtp.name, clock.now())
+        block = relay_health.block(session, s.smtp.name, clock.now())
     click.echo(f"relay {s.smtp.redacted()}")
     click.echo("healthy" if block is None else block.why)
 
@@ -29,11 +29,11 @@ def relay_status() -> None:
 @relay_group.command("resume")
 def relay_resume() -> None:
     """Use the relay again after fixing its configuration; queued mail goes out."""
-    from mailer import outcomes
+    from mailer import relay_health
 
     name = config.settings().smtp.name
     with db.session_scope() as session:
-        outcomes.resume_relay(session, name, clock.now())
+        relay_health.resume(session, name, clock.now())
     click.echo(f"relay {name} resumed")
 
 
