@@ -56,6 +56,8 @@ def send(  # noqa: PLR0913 - the public API's options, one keyword each (as the 
     so a web request that is retried never mails twice.
     """
     recipients = [addresses.parse(a) for a in ([to] if isinstance(to, str) else to)]
+    if not recipients:
+        raise InputError("no recipients")
     spec = MessageSpec.build(
         template,
         context=context,
@@ -66,13 +68,12 @@ def send(  # noqa: PLR0913 - the public API's options, one keyword each (as the 
         priority=priority,
         idempotency_key=idempotency_key,
     )
-    return send_spec(spec, recipients)
+    return _send(spec, recipients)
 
 
-def send_spec(spec: MessageSpec, recipients: Sequence[addresses.Address]) -> int:
-    """Queue the message `spec` describes to parsed recipients; returns the message id."""
-    if not recipients:
-        raise InputError("no recipients")
+def _send(spec: MessageSpec, recipients: Sequence[addresses.Address]) -> int:
+    """Queue the message `spec` describes to parsed recipients (at least one); returns the
+    message id."""
     now = clock.now()
     try:
         message_id, ids = _write_message(spec, recipients, now)
@@ -148,21 +149,17 @@ def send_campaign(  # noqa: PLR0913 - the public API's options, one keyword each
         expires_at=expires_at,
         priority=Priority.BULK,
     )
-    return send_campaign_spec(
-        spec, recipients, name=name, skip_invalid=skip_invalid, progress=progress
-    )
+    return _campaign(spec, recipients, name=name, skip_invalid=skip_invalid, progress=progress)
 
 
-def send_campaign_spec(
+def _campaign(
     spec: MessageSpec,
     recipients: Iterable[RecipientRow],
     *,
-    name: str | None = None,
-    skip_invalid: bool = False,
-    progress: Callable[[int], None] | None = None,
+    name: str | None,
+    skip_invalid: bool,
+    progress: Callable[[int], None] | None,
 ) -> CampaignResult:
-    """send_campaign for a built spec (its priority and idempotency key are not used: a
-    campaign goes out in bulk, once)."""
     now = clock.now()
     with db.session_scope() as session:
         tmpl = templates.latest(session, spec.template)
@@ -173,7 +170,7 @@ def send_campaign_spec(
         session.flush()
         message = _message(session, tmpl, spec, campaign=campaign, now=now)
         result = CampaignResult(campaign.id, message.id)
-        rows = _Rows(tmpl, message, skip_invalid, _header_variables(tmpl, message))
+        rows = _Rows(tmpl, message, spec.context, skip_invalid, _header_variables(tmpl, message))
         seen = _Writing(session, message, rows, result, progress, now).write(recipients)
         if seen == 0:
             raise InputError("the recipient list is empty")
@@ -184,7 +181,7 @@ def send_campaign_spec(
     if _due(spec.send_at, now):
         # a reading session: on SQLite it holds no write lock while the wake-ups go out
         with db.read_scope() as session:
-            publish.publish(_queued_ids(session, message.id), Priority.BULK, settings().chunk_size)
+            publish.publish(_queued_ids(session, message.id), spec.priority, settings().chunk_size)
     return result
 
 
@@ -194,6 +191,7 @@ class _Rows:
 
     tmpl: Template
     message: Message
+    context: dict[str, Any]  # the message's, under each row's own
     skip_invalid: bool
     in_headers: frozenset[str]  # the context names the subject and the extra headers use
 
@@ -202,7 +200,7 @@ class _Rows:
     ) -> list[tuple[addresses.Address, dict[str, Any]]]:
         """The batch's valid rows; the invalid ones counted in `result` (or raised)."""
         parsed: list[tuple[addresses.Address, dict[str, Any]]] = []
-        ctx = self.message.context
+        ctx = self.context
         for line, row in batch:
             try:
                 address = addresses.parse(str(row.get("email", "")))
