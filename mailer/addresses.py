@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import email_validator
 
-from mailer.compose import LINE_BREAK
+from mailer.compose import has_line_break
 from mailer.errors import InvalidAddress
 
 MAX_LENGTH = 254  # RFC 5321 4.5.3.1.3: a path is 256 octets, the angle brackets included
@@ -49,7 +49,7 @@ def parse(raw: object) -> Address:
         # checked first, and the address shortened in the message: the input may be megabytes
         reason = f"{len(stripped):,} characters long; an address has at most {MAX_LENGTH}"
         raise InvalidAddress(raw[:40] + "...", reason)
-    if LINE_BREAK.search(raw):
+    if has_line_break(raw):
         raise InvalidAddress(raw, "contains a line break or NUL")
     if "=?" in raw:
         # mail software decodes RFC 2047 words in headers: the address shown (or a new header

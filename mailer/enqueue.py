@@ -8,7 +8,6 @@ so a bad row leaves no partial campaign behind.
 
 from __future__ import annotations
 
-import json
 import secrets
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -17,7 +16,6 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-import orjson
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
@@ -33,14 +31,14 @@ from mailer.models import (
     Priority,
     Template,
 )
+from mailer.spec import MessageSpec, checked_context, no_nul
 
-MAX_CONTEXT_BYTES = 256 * 1024
 BATCH = 2000
 WRITES_AHEAD = 2  # batches handed to the writer thread and not yet written, at most
 RecipientRow = Mapping[str, Any] | tuple[int, Mapping[str, Any]]
 
 
-def send(
+def send(  # noqa: PLR0913 - the public API's options, one keyword each (as the CLI's)
     template: str,
     to: str | Sequence[str],
     context: Mapping[str, Any] | None = None,
@@ -60,30 +58,33 @@ def send(
     recipients = [addresses.parse(a) for a in ([to] if isinstance(to, str) else to)]
     if not recipients:
         raise InputError("no recipients")
-    _no_nul(idempotency_key, "idempotency_key")
-    ctx = _context(context)
+    spec = MessageSpec.build(
+        template,
+        context=context,
+        from_addr=from_addr,
+        headers=headers,
+        send_at=send_at,
+        expires_at=expires_at,
+        priority=priority,
+        idempotency_key=idempotency_key,
+    )
+    return _send(spec, recipients)
+
+
+def _send(spec: MessageSpec, recipients: Sequence[addresses.Address]) -> int:
+    """Queue the message `spec` describes to parsed recipients (at least one); returns the
+    message id."""
     now = clock.now()
     try:
-        message_id, ids = _write_message(
-            template,
-            recipients,
-            ctx,
-            idempotency_key,
-            from_addr,
-            headers,
-            send_at,
-            expires_at,
-            priority,
-            now,
-        )
+        message_id, ids = _write_message(spec, recipients, now)
     except IntegrityError:
         # the same key, sent at the same moment by a concurrent request: it won
-        existing = _existing(idempotency_key)
+        existing = _existing(spec.idempotency_key)
         if existing is None:
             raise
         return existing
-    if ids and _due(send_at, now):
-        publish.publish(ids, priority, settings().chunk_size)
+    if ids and _due(spec.send_at, now):
+        publish.publish(ids, spec.priority, settings().chunk_size)
     return message_id
 
 
@@ -95,39 +96,18 @@ def _existing(idempotency_key: str | None) -> int | None:
 
 
 def _write_message(
-    template: str,
-    recipients: list[addresses.Address],
-    ctx: dict[str, Any],
-    idempotency_key: str | None,
-    from_addr: str | None,
-    headers: Mapping[str, str] | None,
-    send_at: datetime | None,
-    expires_at: datetime | None,
-    priority: Priority,
-    now: datetime,
+    spec: MessageSpec, recipients: Sequence[addresses.Address], now: datetime
 ) -> tuple[int, list[int]]:
     """The message's rows, committed; (its id, the deliveries to publish). For a key already
     used: (that message's id, nothing to publish)."""
     with db.session_scope() as session:
-        if idempotency_key is not None:
-            existing = _by_key(session, idempotency_key)
+        if spec.idempotency_key is not None:
+            existing = _by_key(session, spec.idempotency_key)
             if existing is not None:
                 return existing, []
-        tmpl = templates.latest(session, template)
-        message = _message(
-            session,
-            tmpl,
-            from_addr,
-            ctx,
-            headers,
-            send_at,
-            expires_at,
-            priority,
-            idempotency_key,
-            campaign=None,
-            now=now,
-        )
-        _check_renders(tmpl, message, {"email": recipients[0].normalized, **ctx})
+        tmpl = templates.latest(session, spec.template)
+        message = _message(session, tmpl, spec, campaign=None, now=now)
+        _check_renders(tmpl, message, {"email": recipients[0].normalized, **spec.context})
         unique = {a.key: (a, None) for a in recipients}.values()
         _write_deliveries(session, message, _deliveries(session, unique), now)
         return message.id, list(_queued_ids(session, message.id))
@@ -144,7 +124,7 @@ class CampaignResult:
     rejected: list[str] = field(default_factory=list)  # the first few invalid rows, explained
 
 
-def send_campaign(
+def send_campaign(  # noqa: PLR0913 - the public API's options, one keyword each (as the CLI's)
     template: str,
     recipients: Iterable[RecipientRow],
     *,
@@ -159,37 +139,107 @@ def send_campaign(
 ) -> CampaignResult:
     """Queue one templated message to a stream of recipients (each a mapping with "email" and
     its own context). The stream is read once, in batches, never held in memory whole."""
-    _no_nul(name, "campaign name")
-    ctx = _context(context)
+    no_nul(name, "campaign name")
+    spec = MessageSpec.build(
+        template,
+        context=context,
+        from_addr=from_addr,
+        headers=headers,
+        send_at=send_at,
+        expires_at=expires_at,
+        priority=Priority.BULK,
+    )
+    return _campaign(spec, recipients, name=name, skip_invalid=skip_invalid, progress=progress)
+
+
+def _campaign(
+    spec: MessageSpec,
+    recipients: Iterable[RecipientRow],
+    *,
+    name: str | None,
+    skip_invalid: bool,
+    progress: Callable[[int], None] | None,
+) -> CampaignResult:
     now = clock.now()
     with db.session_scope() as session:
-        tmpl = templates.latest(session, template)
+        tmpl = templates.latest(session, spec.template)
         campaign = Campaign(
-            name=name or f"{template} {now:%Y-%m-%d %H:%M}", paused=False, created_at=now
+            name=name or f"{spec.template} {now:%Y-%m-%d %H:%M}", paused=False, created_at=now
         )
         session.add(campaign)
         session.flush()
-        message = _message(
-            session,
-            tmpl,
-            from_addr,
-            ctx,
-            headers,
-            send_at,
-            expires_at,
-            Priority.BULK,
-            None,
-            campaign=campaign,
-            now=now,
-        )
+        message = _message(session, tmpl, spec, campaign=campaign, now=now)
         result = CampaignResult(campaign.id, message.id)
+        rows = _Rows(tmpl, message, spec.context, skip_invalid, _header_variables(tmpl, message))
+        seen = _Writing(session, message, rows, result, progress, now).write(recipients)
+        if seen == 0:
+            raise InputError("the recipient list is empty")
+        # the rows the INSERTs skipped were already there: the same address met before
+        result.duplicates = seen - result.invalid - result.queued - result.suppressed
+        if result.queued == 0 and result.suppressed == 0:
+            raise InputError("no valid recipient in the list; nothing was queued")
+    if _due(spec.send_at, now):
+        # a reading session: on SQLite it holds no write lock while the wake-ups go out
+        with db.read_scope() as session:
+            publish.publish(_queued_ids(session, message.id), spec.priority, settings().chunk_size)
+    return result
+
+
+@dataclass(frozen=True)
+class _Rows:
+    """How a campaign's rows are checked: each as the worker will use it."""
+
+    tmpl: Template
+    message: Message
+    context: dict[str, Any]  # the message's, under each row's own
+    skip_invalid: bool
+    in_headers: frozenset[str]  # the context names the subject and the extra headers use
+
+    def valid(
+        self, batch: list[tuple[int, Mapping[str, Any]]], result: CampaignResult, *, first: bool
+    ) -> list[tuple[addresses.Address, dict[str, Any]]]:
+        """The batch's valid rows; the invalid ones counted in `result` (or raised)."""
+        parsed: list[tuple[addresses.Address, dict[str, Any]]] = []
+        ctx = self.context
+        for line, row in batch:
+            try:
+                address = addresses.parse(str(row.get("email", "")))
+                own = checked_context(row)
+                _check_headers(self.tmpl, self.message, {**ctx, **own}, self.in_headers)
+                if first and not parsed:
+                    _check_renders(self.tmpl, self.message, {**ctx, **own})
+            except InputError as exc:
+                if not self.skip_invalid:
+                    raise InputError(f"recipient {line}: {exc}") from None
+                result.invalid += 1
+                if len(result.rejected) < 20:
+                    result.rejected.append(f"recipient {line}: {exc}")
+                continue
+            parsed.append((address, own))
+        return parsed
+
+
+@dataclass(frozen=True)
+class _Writing:
+    """A campaign's deliveries being written, batch by batch, in one transaction.
+
+    The database writes one batch while this thread checks the next: a thread of its own runs
+    each batch's INSERT (the session is used by that thread alone until the writing ends),
+    with the batch after it already waiting so that the database never waits for the
+    hand-over, and the suppression list is read here, through a session of its own
+    (BENCHMARKS.md, "What each step bought": the enqueue rows).
+    """
+
+    session: Session
+    message: Message
+    rows: _Rows
+    result: CampaignResult
+    progress: Callable[[int], None] | None
+    now: datetime
+
+    def write(self, recipients: Iterable[RecipientRow]) -> int:
+        """Check and write every row; the number of rows read."""
         seen = 0
-        # The database writes one batch while this thread checks the next: a thread of its
-        # own runs each batch's INSERT (the session is used by that thread alone until the
-        # `with` ends), with the batch after it already waiting so that the database never
-        # waits for the hand-over, and the suppression list is read here, through a session
-        # of its own. PostgreSQL, 100,000 rows: 28,500/s without the writer thread; a million
-        # CSV rows: 51,000/s with one batch in its hands, 61,000 with two.
         with (
             ThreadPoolExecutor(1, thread_name_prefix="mailer-enqueue") as writer,
             db.read_scope() as lookups,
@@ -197,34 +247,33 @@ def send_campaign(
             in_flight: deque[tuple[Future[Written], int]] = deque()
             try:
                 for batch in bulk.chunks(_numbered(recipients), BATCH):
-                    parsed = _campaign_rows(
-                        tmpl, message, ctx, batch, result, skip_invalid, first=seen == 0
-                    )
+                    parsed = self.rows.valid(batch, self.result, first=seen == 0)
                     rows = _deliveries(lookups, parsed)
                     seen += len(batch)
                     if len(in_flight) == WRITES_AHEAD:
-                        _written(in_flight.popleft(), result, progress)
-                    write = writer.submit(_write_deliveries, session, message, rows, now)
+                        self._written(*in_flight.popleft())
+                    write = writer.submit(
+                        _write_deliveries, self.session, self.message, rows, self.now
+                    )
                     in_flight.append((write, seen))
                 while in_flight:
-                    _written(in_flight.popleft(), result, progress)
+                    self._written(*in_flight.popleft())
             except BaseException:
                 # nothing more is written, and the session is rolled back only once the
                 # writer is done with it
                 writer.shutdown(wait=False, cancel_futures=True)
                 _settle(write for write, _ in in_flight)
                 raise
-        if seen == 0:
-            raise InputError("the recipient list is empty")
-        # the rows the INSERTs skipped were already there: the same address met before
-        result.duplicates = seen - result.invalid - result.queued - result.suppressed
-        if result.queued == 0 and result.suppressed == 0:
-            raise InputError("no valid recipient in the list; nothing was queued")
-    if _due(send_at, now):
-        # a reading session: on SQLite it holds no write lock while the wake-ups go out
-        with db.read_scope() as session:
-            publish.publish(_queued_ids(session, message.id), Priority.BULK, settings().chunk_size)
-    return result
+        return seen
+
+    def _written(self, write: Future[Written], seen: int) -> None:
+        """Wait for a batch in flight (raising its error) and count what it wrote; report the
+        recipients read up to it."""
+        written = write.result()
+        self.result.queued += written[False]
+        self.result.suppressed += written[True]
+        if self.progress:
+            self.progress(seen)
 
 
 def _settle(writes: Iterable[Future[Written]]) -> None:
@@ -242,87 +291,20 @@ def _settle(writes: Iterable[Future[Written]]) -> None:
                 continue
 
 
-def _written(
-    in_flight: tuple[Future[Written], int],
-    result: CampaignResult,
-    progress: Callable[[int], None] | None,
-) -> None:
-    """Wait for a batch in flight (raising its error) and count what it wrote; report the
-    recipients read up to it."""
-    written, seen = in_flight[0].result(), in_flight[1]
-    result.queued += written[False]
-    result.suppressed += written[True]
-    if progress:
-        progress(seen)
-
-
-def _campaign_rows(
-    tmpl: Template,
-    message: Message,
-    ctx: dict[str, Any],
-    batch: list[tuple[int, Mapping[str, Any]]],
-    result: CampaignResult,
-    skip_invalid: bool,
-    *,
-    first: bool,
-) -> list[tuple[addresses.Address, dict[str, Any]]]:
-    """The batch's valid rows, each checked as the worker will use it."""
-    parsed: list[tuple[addresses.Address, dict[str, Any]]] = []
-    in_headers = _header_variables(tmpl, message)
-    for line, row in batch:
-        try:
-            address = addresses.parse(str(row.get("email", "")))
-            own = _context(row)
-            _check_headers(tmpl, message, {**ctx, **own}, in_headers)
-            if first and not parsed:
-                _check_renders(tmpl, message, {**ctx, **own})
-        except InputError as exc:
-            if not skip_invalid:
-                raise InputError(f"recipient {line}: {exc}") from None
-            result.invalid += 1
-            if len(result.rejected) < 20:
-                result.rejected.append(f"recipient {line}: {exc}")
-            continue
-        parsed.append((address, own))
-    return parsed
-
-
 def _message(
-    session: Session,
-    tmpl: Template,
-    from_addr: str | None,
-    ctx: dict[str, Any],
-    headers: Mapping[str, str] | None,
-    send_at: datetime | None,
-    expires_at: datetime | None,
-    priority: Priority,
-    idempotency_key: str | None,
-    *,
-    campaign: Campaign | None,
-    now: datetime,
+    session: Session, tmpl: Template, spec: MessageSpec, *, campaign: Campaign | None, now: datetime
 ) -> Message:
-    sender = from_addr or settings().from_addr
-    if not sender:
-        raise InputError("no sender: pass from_addr (--from) or set MAILER_FROM")
-    sender_address = addresses.parse(sender)
-    extra = dict(headers or {})
-    compose.check_extra_headers(extra)
-    for when, label in ((send_at, "send_at"), (expires_at, "expires_at")):
-        if when is not None and when.tzinfo is None:
-            raise InputError(f"{label} must carry a time zone (e.g. 2026-12-01T09:00:00+00:00)")
-    if send_at and expires_at and expires_at <= send_at:
-        raise InputError("expires_at must be after send_at")
     message = Message(
         campaign_id=campaign.id if campaign else None,
         template_id=tmpl.id,
-        from_addr=sender_address.normalized,
-        context=ctx,
-        headers=extra,
+        from_addr=spec.from_addr,
+        context=spec.context,
+        headers=spec.headers,
         token=secrets.token_hex(8),
-        idempotency_key=idempotency_key,
-        priority=priority,
-        send_at=send_at,
-        expires_at=expires_at,
+        idempotency_key=spec.idempotency_key,
+        priority=spec.priority,
+        send_at=spec.send_at,
+        expires_at=spec.expires_at,
         created_at=now,
     )
     session.add(message)
@@ -367,57 +349,10 @@ def _check_headers(
 
 
 def _plain_value(value: Any) -> bool:
+    """A context value that prints as a plain header value (compose's rule)."""
     if isinstance(value, str):
-        return "=?" not in value and not compose.LINE_BREAK.search(value)
+        return compose.is_plain_header(value)
     return isinstance(value, int | float) or value is None
-
-
-def _context(context: Mapping[str, Any] | None) -> dict[str, Any]:
-    """A template context as it will be stored: JSON, not too big, and no NUL (PostgreSQL
-    cannot store one, and no mail should carry one)."""
-    ctx = dict(context or {})
-    try:
-        encoded = _json(ctx)
-    except (TypeError, ValueError) as exc:
-        raise InputError(f"the context must be JSON: {exc}") from None
-    if len(encoded) > MAX_CONTEXT_BYTES:
-        raise InputError(
-            f"the context is {len(encoded) / 1024:.0f} KiB; the limit is "
-            f"{MAX_CONTEXT_BYTES // 1024} KiB (store large data elsewhere and pass a reference)"
-        )
-    if b"\\u0000" in encoded:  # a NUL, or only the text \u0000: the values say which
-        named = next((k for k, v in ctx.items() if _has_nul(k) or _has_nul(v)), None)
-        if named is not None:
-            raise InputError(f"the context value {named!r} contains a NUL character; remove it")
-    return ctx
-
-
-def _has_nul(value: Any) -> bool:
-    if isinstance(value, str):
-        return "\0" in value
-    if isinstance(value, dict):
-        return any(_has_nul(k) or _has_nul(v) for k, v in value.items())
-    if isinstance(value, list | tuple):
-        return any(_has_nul(v) for v in value)
-    return False
-
-
-def _json(ctx: dict[str, Any]) -> bytes:
-    """The context as compact UTF-8 JSON. orjson (ten times faster) takes a context of
-    strings, such as a CSV row; it would write NaN as null, so anything else (and a key that
-    is not a string) goes to the json module, which refuses NaN and infinities (PostgreSQL
-    would store them as null)."""
-    if all(type(value) is str for value in ctx.values()):
-        try:
-            return orjson.dumps(ctx)
-        except TypeError:
-            pass
-    return json.dumps(ctx, allow_nan=False, ensure_ascii=False, separators=(",", ":")).encode()
-
-
-def _no_nul(value: str | None, what: str) -> None:
-    if value is not None and "\0" in value:
-        raise InputError(f"the {what} contains a NUL character; remove it")
 
 
 Deliveries = dict[bool, list[dict[str, Any]]]  # rows by "on the suppression list"

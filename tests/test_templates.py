@@ -1,22 +1,38 @@
-"""One-pass rendering of a message's parts gives what rendering them one by one gives."""
+"""A message's parts render as Jinja2 renders each of them, the fill fast path included."""
 
 from __future__ import annotations
 
 import tracemalloc
 from typing import Any
 
+import markupsafe
 import pytest
 
-from mailer import templates
+from mailer import sandbox, templates
 from mailer.errors import TemplateError
 
 CONTEXT: dict[str, Any] = {"name": '<b>Tom & "Jerry"</b>', "items": ["a", "b"], "n": 3}
 
 
+def jinja(part: templates.Part, context: dict[str, Any]) -> str:
+    return sandbox.render(part.template, context, part.what)
+
+
 def apart(
     compiled: templates.Compiled, headers: dict[str, str], context: dict[str, Any]
 ) -> tuple[templates.Rendered, dict[str, str]]:
-    return compiled.render_parts(context), templates.render_headers(headers, context)
+    """What Jinja2 itself renders: each part, and every header, through its template."""
+    rendered = {
+        name: jinja(templates.compile_part(sandbox.PLAIN, value, f"header {name!r}"), context)
+        for name, value in headers.items()
+    }
+    html = compiled.html
+    parts = templates.Rendered(
+        jinja(compiled.subject, context),
+        jinja(compiled.text, context),
+        jinja(html, context) if html is not None else None,
+    )
+    return parts, rendered
 
 
 def one_pass(
@@ -26,8 +42,13 @@ def one_pass(
     return compiled.render(context), templates.render_headers(headers, context)
 
 
-def joined(compiled: templates.Compiled) -> bool:
-    return compiled.whole is not None
+def parts(compiled: templates.Compiled) -> list[templates.Part]:
+    return [p for p in (compiled.subject, compiled.text, compiled.html) if p is not None]
+
+
+def fillable(compiled: templates.Compiled) -> bool:
+    """Every part is only text and names (each is tried by the fill fast path first)."""
+    return all(p.fill is not None for p in parts(compiled))
 
 
 @pytest.mark.parametrize(
@@ -45,33 +66,30 @@ def joined(compiled: templates.Compiled) -> bool:
         ("{% macro m(x) %}<{{ x }}>{% endmacro %}{{ m(n) }}", "t", "{{ name|urlize }}", {}),
     ],
 )
-def test_one_pass_renders_what_the_parts_render_apart(
+def test_a_message_renders_what_jinja2_renders_for_each_part(
     subject: str, text: str, html: str | None, headers: dict[str, str]
 ) -> None:
     compiled = templates.compile_parts("t", subject, text, html)
     assert one_pass(compiled, headers, CONTEXT) == apart(compiled, headers, CONTEXT)
-    assert joined(compiled)
 
 
 @pytest.mark.parametrize(
-    ("subject", "text", "html", "headers", "is_joined"),
+    ("subject", "text", "html", "headers"),
     [
         # Jinja2 compiles a block apart from the template, with the environment's escaping
-        # and its own names: in one pass the HTML's block would go out unescaped
-        ("s", "t", "{% block b %}{{ name }}{% endblock %}", {}, False),
-        ("{% set name = 'S' %}{% block s %}{{ name }}{% endblock %}", "t", None, {}, False),
-        ("x", "{% block b %}t{% endblock %}", "{% block b %}h{% endblock %}", {}, False),
-        # header values always render apart, blocks or not
-        ("s", "t", "{{ name }}", {"X-A": "{% block h %}{{ name }}{% endblock %}"}, True),
-        # a part printing the separator: joined, and split back only by rendering apart
-        ("x{{ '\\x00' }}y", "t\n", None, {}, True),
+        # and its own names
+        ("s", "t", "{% block b %}{{ name }}{% endblock %}", {}),
+        ("{% set name = 'S' %}{% block s %}{{ name }}{% endblock %}", "t", None, {}),
+        ("x", "{% block b %}t{% endblock %}", "{% block b %}h{% endblock %}", {}),
+        ("s", "t", "{{ name }}", {"X-A": "{% block h %}{{ name }}{% endblock %}"}),
+        # a part printing a NUL
+        ("x{{ '\\x00' }}y", "t\n", None, {}),
     ],
 )
-def test_what_cannot_be_one_pass_is_rendered_apart(
-    subject: str, text: str, html: str | None, headers: dict[str, str], is_joined: bool
+def test_parts_with_blocks_render_as_jinja2_renders_them(
+    subject: str, text: str, html: str | None, headers: dict[str, str]
 ) -> None:
     compiled = templates.compile_parts("t", subject, text, html)
-    assert joined(compiled) is is_joined
     assert one_pass(compiled, headers, CONTEXT) == apart(compiled, headers, CONTEXT)
 
 
@@ -85,33 +103,34 @@ def test_a_set_in_one_part_does_not_leak_into_the_next() -> None:
     compiled = templates.compile_parts("t", "{% set name = 'S' %}{{ name }}", "{{ name }}", None)
     rendered, _ = one_pass(compiled, {}, {"name": "N"})
     assert (rendered.subject, rendered.text) == ("S", "N")
-    assert joined(compiled)
 
 
 def test_html_is_escaped_and_text_is_not_in_one_pass() -> None:
     compiled = templates.compile_parts("t", "{{ name }}", "{{ name }}", "{{ name }}")
     rendered, _ = one_pass(compiled, {}, {"name": "<&>"})
     assert rendered == templates.Rendered("<&>", "<&>", "&lt;&amp;&gt;")
-    assert joined(compiled)
 
 
-def test_headers_made_for_one_message_are_not_compiled_into_a_whole(monkeypatch) -> None:
+def test_headers_made_for_one_message_compile_only_themselves(monkeypatch) -> None:
     # a request id in a header makes every message's headers new: only they are compiled for
     # it, never the whole message again, and the cache of header templates stays bounded
     compiled = templates.compile_parts("t", "s", "t", "<p>{{ name }}</p>")
     built: list[int] = []
-    template = templates._template
+    template = sandbox.template
 
     def counted(*args: Any) -> Any:
         built.append(1)
         return template(*args)
 
-    monkeypatch.setattr(templates, "_template", counted)
+    monkeypatch.setattr(sandbox, "template", counted)
     for i in range(1100):
         headers = {"X-Request-ID": f"r{i}"}
-        assert one_pass(compiled, headers, CONTEXT) == apart(compiled, headers, CONTEXT)
+        rendered = one_pass(compiled, headers, CONTEXT)
+        with monkeypatch.context() as uncounted:  # Jinja2's own rendering, to compare
+            uncounted.setattr(sandbox, "template", template)
+            assert rendered == apart(compiled, headers, CONTEXT)
     assert len(built) == 1100  # one header template a message, nothing more
-    assert templates._header_templates.cache_info().maxsize is not None  # a bounded cache
+    assert templates._header_parts.cache_info().maxsize is not None  # a bounded cache
 
 
 @pytest.mark.parametrize(
@@ -123,37 +142,23 @@ def test_headers_made_for_one_message_are_not_compiled_into_a_whole(monkeypatch)
         ("{% for i in range(110) %}{{ 'x' * 100000 }}{% endfor %}", {}, r"\(html\).*over"),
     ],
 )
-def test_a_failure_in_one_pass_names_its_part(
-    html: str, headers: dict[str, str], part: str
-) -> None:
+def test_a_failure_names_its_part(html: str, headers: dict[str, str], part: str) -> None:
     compiled = templates.compile_parts("t", "s", "t", html)
     with pytest.raises(TemplateError, match=part):
         one_pass(compiled, headers, {})
-    assert joined(compiled)
 
 
 @pytest.mark.parametrize("value", ["a\0b", "\0", "\0\0"])
-def test_a_separator_in_the_output_renders_the_parts_apart(value: str) -> None:
+def test_a_nul_in_the_output_renders_as_jinja2_renders_it(value: str) -> None:
     for html in (None, "<p>{{ name }}</p>"):
         compiled = templates.compile_parts("t", "s {{ name }}", "{{ name }}\n", html)
         context = {**CONTEXT, "name": value}
-        assert compiled.render(context) == compiled.render_parts(context)
+        assert one_pass(compiled, {}, context) == apart(compiled, {}, context)
 
 
-# --- templates of text and names only, rendered without Jinja2's machinery (_Fill) ----------
+# --- templates of text and names only, rendered by the fill fast path (mailer/fill.py) -----
 
 FILLABLE = ("Hi {{ name }}!", "Hello {{ name }},\n\nissue {{ n }}\n\n", "<p>{{ name }}</p>\n")
-
-
-def jinja_only(
-    compiled: templates.Compiled, headers: dict[str, str], context: dict[str, Any]
-) -> tuple[templates.Rendered, dict[str, str]]:
-    """What Jinja2 itself renders: the parts apart, and every header through its template."""
-    rendered = {
-        name: templates._render(templates._compile(templates._plain, value, name)[0], context, name)
-        for name, value in headers.items()
-    }
-    return compiled.render_parts(context), rendered
 
 
 @pytest.mark.parametrize(
@@ -170,15 +175,15 @@ def jinja_only(
         True,
         ["a", "<b>"],
         {"k": "v"},
-        templates.markupsafe.Markup("<i>safe</i>"),
+        markupsafe.Markup("<i>safe</i>"),
     ],
 )
 def test_text_and_names_render_as_jinja2_renders_them(value: Any) -> None:
     compiled = templates.compile_parts("t", *FILLABLE)
-    assert compiled.filled is not None
+    assert fillable(compiled)
     headers = {"List-Unsubscribe": "<https://example.com/u/{{ name }}>"}
     context = {"name": value, "n": 42}
-    assert one_pass(compiled, headers, context) == jinja_only(compiled, headers, context)
+    assert one_pass(compiled, headers, context) == apart(compiled, headers, context)
 
 
 @pytest.mark.parametrize(
@@ -194,7 +199,7 @@ def test_anything_more_than_text_and_names_is_left_to_jinja2(
     subject: str, text: str, html: str | None
 ) -> None:
     compiled = templates.compile_parts("t", subject, text, html)
-    assert compiled.filled is None
+    assert not fillable(compiled)
     context = {"name": "<b>", "n": 1, "user": {"name": "<u>"}}
     assert one_pass(compiled, {}, context) == apart(compiled, {}, context)
 
@@ -206,9 +211,7 @@ def test_anything_more_than_text_and_names_is_left_to_jinja2(
         ({"name": "x", "n": print}, r"\(text\).*cannot print a builtin_function_or_method"),
     ],
 )
-def test_a_fill_that_cannot_go_on_fails_as_jinja2_does(
-    context: dict[str, Any], error: str
-) -> None:
+def test_a_fill_that_cannot_go_on_fails_as_jinja2_does(context: dict[str, Any], error: str) -> None:
     compiled = templates.compile_parts("t", *FILLABLE)
     with pytest.raises(TemplateError, match=error):
         compiled.render(context)
@@ -216,25 +219,25 @@ def test_a_fill_that_cannot_go_on_fails_as_jinja2_does(
 
 def test_a_global_name_is_not_printed() -> None:
     compiled = templates.compile_parts("t", "{{ range }}", "t", None)
-    assert compiled.filled is not None
+    assert fillable(compiled)
     with pytest.raises(TemplateError, match=r"\(subject\).*cannot print a function"):
         compiled.render({})
 
 
 def test_a_fill_over_the_output_limit_fails_as_jinja2_does() -> None:
     compiled = templates.compile_parts("t", "s", "{{ name }}{{ name }}", None)
-    assert compiled.filled is not None
-    half = templates.MAX_OUTPUT // 2
-    assert len(compiled.render({"name": "x" * half}).text) == templates.MAX_OUTPUT
+    assert fillable(compiled)
+    half = sandbox.MAX_OUTPUT // 2
+    assert len(compiled.render({"name": "x" * half}).text) == sandbox.MAX_OUTPUT
     with pytest.raises(TemplateError, match=r"\(text\).*over"):
         compiled.render({"name": "x" * (half + 1)})
 
 
 def test_a_fill_stops_at_the_output_limit_as_it_grows() -> None:
     # a value printed a thousand times: the limit is reached after a few, and nothing more is
-    # built (built whole first, this took 2 GB and 4 s)
+    # built (built whole first, this took gigabytes)
     compiled = templates.compile_parts("t", "s", "t", "<p>{{ a }}</p>" * 1000)
-    assert compiled.filled is not None
+    assert fillable(compiled)
     tracemalloc.start()
     try:
         with pytest.raises(TemplateError, match=r"\(html\).*over"):
@@ -248,7 +251,7 @@ def test_a_fill_stops_at_the_output_limit_as_it_grows() -> None:
 def test_self_is_the_template_whatever_the_context_holds() -> None:
     # Jinja2 binds `self` to a TemplateReference, which the finalize refuses to print
     compiled = templates.compile_parts("t", "Hi {{ self }}", "t", None)
-    assert compiled.filled is None
+    assert compiled.subject.fill is None
     with pytest.raises(TemplateError, match="cannot print a TemplateReference"):
         compiled.render({"self": "Bob"})
     with pytest.raises(TemplateError, match="cannot print a TemplateReference"):
