@@ -66,7 +66,7 @@ def template_add(name: str, subject_file: Path, text_file: Path, html_file: Path
 @click.option("--header", "headers", multiple=True, help="Extra header 'Name: value' (a template).")
 @click.option("--send-at", type=LATER, help="Not before this time (ISO 8601, or e.g. 2h from now).")
 @click.option("--expires-at", type=LATER, help="Not after this time: then it expires unsent.")
-def send_cmd(  # noqa: PLR0913, RUF100 (a keyword per CLI option)
+def send_cmd(  # noqa: PLR0913 (a keyword per CLI option)
     template: str,
     to: tuple[str, ...],
     context: str,
@@ -119,7 +119,7 @@ def campaign_group() -> None:
 )
 @click.option("--send-at", type=LATER, help="Not before this time (ISO 8601, or e.g. 2h from now).")
 @click.option("--expires-at", type=LATER, help="Not after this time: then it expires unsent.")
-def campaign_send(  # noqa: PLR0913, RUF100 (a keyword per CLI option)
+def campaign_send(  # noqa: PLR0913 (a keyword per CLI option)
     template: str,
     path: Path,
     name: str | None,

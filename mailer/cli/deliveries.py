@@ -103,7 +103,7 @@ def _selection(
     help="Also addresses on the suppression list (and take them off it).",
 )
 @click.option("--dry-run", is_flag=True, help="Count, change nothing.")
-def retry_cmd(  # noqa: PLR0913, RUF100 (a keyword per CLI option)
+def retry_cmd(  # noqa: PLR0913 (a keyword per CLI option)
     campaign_id: int | None,
     message_id: int | None,
     states: str,

@@ -50,7 +50,7 @@ class ScriptedSMTPServer:
     gate or answered by rules; not AUTH continuation lines or message bodies).
     """
 
-    def __init__(  # noqa: PLR0913, RUF100 (keyword-only options, as aiosmtpd takes them)
+    def __init__(  # noqa: PLR0913 (keyword-only options, as aiosmtpd takes them)
         self,
         *,
         host: str = "127.0.0.1",
