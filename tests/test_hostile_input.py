@@ -414,7 +414,7 @@ BREAKS = ["\r", "\n", "\r\n", "\n\r", "\r\r\n", "\x0b", "\x0c", "\x85", "\u2028"
 @pytest.mark.parametrize("brk", BREAKS)
 @pytest.mark.parametrize("html", [None, "<p>a{brk}b</p>{brk}"])
 def test_composed_messages_have_crlf_line_ends_only(brk: str, html: str | None) -> None:
-    """The SMTP transport rewrites a bare CR or LF only where its line-end counts disagree,
+    """The SMTP transport rewrites a message's line ends only where it finds a bare CR or LF,
     which a composed message must never make it do: whatever the input, compose.build must
     write no other line end, folded headers and encoded bodies included."""
     long_word = "Grüße" * 30  # folded, and RFC 2047-encoded
