@@ -1,4 +1,4 @@
-"""Reading the server's replies off smtplib's buffer: the one place that uses its internals.
+"""Reading the server's replies off smtplib's buffer: the one place that knows how it reads.
 
 smtplib.SMTP reads every reply through `SMTP.file`, a buffered reader over the socket that its
 getreply() makes on first use (the greeting's); EHLO, STARTTLS and AUTH are read through it.
@@ -7,7 +7,8 @@ a second reader would miss what the first has buffered. The usual reply, one lin
 the buffer, is parsed here straight from `SMTP.file` (peek() and read()), as getreply would
 parse it but without its per-line work; anything else goes to getreply() itself. The internals
 relied on: the attribute `SMTP.file` and its being a buffered reader (peek), and the value of
-smtplib._MAXLINE, the longest reply line smtplib accepts.
+smtplib._MAXLINE, the longest reply line smtplib accepts. (bounded.py's socket factory,
+_get_socket, is the only other part of smtplib a session reaches behind.)
 """
 
 from __future__ import annotations
