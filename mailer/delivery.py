@@ -403,7 +403,7 @@ def _compose(group: list[_Work]) -> Outgoing:
         headers=headers,
         smtputf8=smtputf8,
     )
-    return Outgoing(message.from_addr, recipients, data, smtputf8, crlf_only=True)
+    return Outgoing(message.from_addr, recipients, data, smtputf8)
 
 
 def _hand_back(

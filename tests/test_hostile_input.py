@@ -414,10 +414,9 @@ BREAKS = ["\r", "\n", "\r\n", "\n\r", "\r\r\n", "\x0b", "\x0c", "\x85", "\u2028"
 @pytest.mark.parametrize("brk", BREAKS)
 @pytest.mark.parametrize("html", [None, "<p>a{brk}b</p>{brk}"])
 def test_composed_messages_have_crlf_line_ends_only(brk: str, html: str | None) -> None:
-    """The worker's messages go to the SMTP transport vouched for as CRLF-only
-    (Outgoing.crlf_only), which then skips its own check for a bare CR or LF: whatever the
-    input, compose.build must write no other line end, folded headers and encoded bodies
-    included."""
+    """The SMTP transport rewrites a message's line ends only where it finds a bare CR or LF,
+    which a composed message must never make it do: whatever the input, compose.build must
+    write no other line end, folded headers and encoded bodies included."""
     long_word = "Grüße" * 30  # folded, and RFC 2047-encoded
     rendered = templates.Rendered(
         subject=f"{long_word} x",  # a line break there is refused (the tests above)

@@ -64,11 +64,11 @@ def smtp_group() -> None:
 def smtp_check() -> None:
     """Connect to MAILER_SMTP_URL and show each step: connect, EHLO (extensions), STARTTLS,
     AUTH, NOOP, QUIT. Exits 1 naming the step that failed. The password is never shown."""
-    from mailer.transport import smtp
+    from mailer.relay_check import check
 
     relay = config.settings().smtp
     click.echo(f"relay {relay.redacted()}")
-    ok = smtp.check(relay, lambda step, detail: click.echo(f"{step:9} {detail}"))
+    ok = check(relay, lambda step, detail: click.echo(f"{step:9} {detail}"))
     click.echo("relay OK" if ok else "relay check FAILED")
     if not ok:
         sys.exit(1)
