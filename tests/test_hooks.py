@@ -122,7 +122,7 @@ def test_chunklog_logs_one_line_a_chunk(
     lines = [r.getMessage() for r in caplog.records if r.name == "mailer.hooks.chunklog"]
     assert len(lines) == 1
     assert lines[0].startswith(
-        "chunk on memory: claimed 3, sent 1, deferred 1, bounced 1, failed 0, in "
+        "chunk on memory: claimed 3, delivered 1, hard_bounce 1, transient 1, in "
     )
 
 

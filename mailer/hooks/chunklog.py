@@ -2,9 +2,13 @@
 
 MAILER_HOOKS=mailer.hooks.chunklog:ChunkLog
 
-chunk on smtp.example.com: claimed 500, sent 480, deferred 12, bounced 6, failed 2, in 1.84 s
-chunk on smtp.example.com: claimed 500, sent 120, deferred 1, bounced 0, failed 0,
-released 379 (the relay failed relay-wide: deferred until 14:02:11), in 0.52 s
+chunk on smtp.example.com: claimed 500, delivered 480, transient 12, hard_bounce 6,
+message_failure 2, in 1.84 s
+chunk on smtp.example.com: claimed 500, delivered 120, throttled 1, released 379 (the relay
+failed relay-wide: deferred until 14:02:11), in 0.52 s
+
+It counts the replies by class (mailer.replies.ReplyClass) rather than guess the states they
+led to: outcomes.py alone decides those (a transient reply may end a delivery expired).
 """
 
 from __future__ import annotations
@@ -26,19 +30,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 _KEY = "chunklog"
-# the state a verdict's class usually leads to (ambiguous: as MAILER_AMBIGUOUS=hold has it)
-_SHOWN = {
-    "delivered": "sent",
-    "transient": "deferred",
-    "throttled": "deferred",
-    "connection": "deferred",
-    "too_many_recipients": "deferred",
-    "configuration": "queued",
-    "hard_bounce": "bounced",
-    "message_failure": "failed",
-    "protocol": "failed",
-    "ambiguous": "unknown",
-}
 
 
 @dataclass
@@ -56,7 +47,7 @@ class ChunkLog(Hooks):
 
     def verdicts_recorded(self, chunk: Chunk, verdicts: Sequence[Verdict]) -> None:
         tally: _Tally = chunk.notes.setdefault(_KEY, _Tally())
-        tally.outcomes.update(_SHOWN.get(v.klass.value, v.klass.value) for v in verdicts)
+        tally.outcomes.update(v.klass.value for v in verdicts)
 
     def deliveries_released(
         self,
@@ -73,12 +64,9 @@ class ChunkLog(Hooks):
 
     def chunk_done(self, chunk: Chunk, report: ChunkReport) -> None:
         tally: _Tally = chunk.notes.get(_KEY, _Tally())
-        counts = tally.outcomes.copy()
         parts = [f"claimed {tally.claimed}"]
-        parts += [
-            f"{name} {counts.pop(name, 0)}" for name in ("sent", "deferred", "bounced", "failed")
-        ]
-        parts += [f"{name} {n}" for name, n in sorted(counts.items())]  # unknown, queued
+        by_count = sorted(tally.outcomes.items(), key=lambda item: (-item[1], item[0]))
+        parts += [f"{name} {n}" for name, n in by_count]
         parts += tally.released
         log.info(
             "chunk on %s: %s, in %.2f s",
