@@ -24,6 +24,7 @@ from typing import Any, TypeVar
 import orjson
 import psycopg
 from sqlalchemy import (
+    BigInteger,
     BindParameter,
     ColumnElement,
     Integer,
@@ -37,7 +38,6 @@ from sqlalchemy import (
 )
 from sqlalchemy.dialects import sqlite
 from sqlalchemy.dialects.postgresql import ARRAY
-from sqlalchemy.dialects.postgresql.psycopg import dialect as postgresql_dialect
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 from sqlalchemy.types import UserDefinedType
@@ -82,7 +82,7 @@ class _IntegerArray(UserDefinedType[list[int]]):
         self.kind = kind
 
     def get_col_spec(self, **kw: Any) -> str:
-        return f"{self.kind.compile(dialect=postgresql_dialect())}[]"
+        return "BIGINT[]" if isinstance(self.kind, BigInteger) else "INTEGER[]"
 
 
 class _Integers(TypeDecorator[list[int]]):
