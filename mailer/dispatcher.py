@@ -52,20 +52,25 @@ def run_once(settings: Settings | None = None, *, backlog: int | None = -1) -> P
         backlog = publish.backlog()
     for priority in Priority:
         with db.session_scope() as session:
-            ids = _due(session, s, now, priority, queue_empty=backlog == 0)
-            if ids:
-                session.execute(
-                    update(Delivery)
-                    .where(bulk.among(Delivery.id, "ids", bulk.postgresql(session)))
-                    .values(published_at=now),
-                    {"ids": ids},
-                )
+            ids = due(session, s, now, priority, queue_empty=backlog == 0)
+            mark_published(session, ids, now)
         if ids:
             report.published += publish.publish(ids, priority, s.chunk_size)
     return report
 
 
-def _due(
+def mark_published(session: Session, ids: list[int], now: datetime) -> None:
+    """Note that these deliveries' wake-ups are about to go to the broker."""
+    if ids:
+        session.execute(
+            update(Delivery)
+            .where(bulk.among(Delivery.id, "ids", bulk.postgresql(session)))
+            .values(published_at=now),
+            {"ids": ids},
+        )
+
+
+def due(
     session: Session, s: Settings, now: datetime, priority: Priority, *, queue_empty: bool
 ) -> list[int]:
     stale = now - timedelta(seconds=s.republish_after)

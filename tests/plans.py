@@ -1,0 +1,227 @@
+"""Each hot statement as mailer builds it, captured from the engine and EXPLAINed: the plan
+tests' machinery, and a report when run by hand:
+
+    .venv/bin/python tests/plans.py [DELIVERIES]    # builds a schema, prints each plan
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import Engine, event
+from sqlalchemy.orm import Session
+
+from mailer import (
+    bulk,
+    clock,
+    db,
+    delivery,
+    dispatcher,
+    outcomes,
+    queries,
+    relay_health,
+    suppressions,
+)
+from mailer import config
+from mailer.config import load
+from mailer.models import Delivery, DeliveryState, Priority
+
+S = DeliveryState
+WATCHED = ("deliveries", "attempts")
+_VERBS = ("SELECT", "UPDATE", "INSERT", "DELETE", "WITH")
+
+
+@dataclass
+class Statement:
+    sql: str
+    params: Any
+    seconds: float = 0.0
+    plan: dict[str, Any] = field(default_factory=dict)
+
+    def scans(self) -> list[tuple[str, str, str]]:
+        """(node type, relation, index) of every node that reads a watched table."""
+        return [
+            (n["Node Type"], n.get("Relation Name", ""), n.get("Index Name", ""))
+            for n in _nodes(self.plan)
+            if n.get("Relation Name") in WATCHED
+        ]
+
+    def seq_scans(self) -> list[str]:
+        return [rel for kind, rel, _ in self.scans() if kind == "Seq Scan"]
+
+
+def _nodes(plan: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    yield plan
+    for child in plan.get("Plans", ()):
+        yield from _nodes(child)
+
+
+def capture(url: str, work: Callable[[Session], Any]) -> list[Statement]:
+    """Run `work` in a transaction that is rolled back, keeping each statement it sent (with
+    its parameters, as the driver got them, and its time), then EXPLAIN each."""
+    eng = db.engine(url)
+    seen: list[Statement] = []
+    started: list[float] = []
+
+    def before(_c: Any, _cur: Any, sql: str, params: Any, _ctx: Any, many: bool) -> None:
+        if not many and sql.lstrip().split(None, 1)[0].upper() in _VERBS:
+            seen.append(Statement(sql, params))
+            started.append(time.perf_counter())
+
+    def after(_c: Any, _cur: Any, sql: str, _p: Any, _ctx: Any, many: bool) -> None:
+        if started and seen and seen[-1].sql is sql:
+            seen[-1].seconds = time.perf_counter() - started.pop()
+
+    event.listen(eng, "before_cursor_execute", before)
+    event.listen(eng, "after_cursor_execute", after)
+    try:
+        with Session(eng) as session:
+            try:
+                work(session)
+            finally:
+                session.rollback()
+    finally:
+        event.remove(eng, "before_cursor_execute", before)
+        event.remove(eng, "after_cursor_execute", after)
+    _explain(eng, seen)
+    return seen
+
+
+def _explain(eng: Engine, statements: list[Statement]) -> None:
+    with eng.connect() as conn:
+        for st in statements:
+            rows = conn.exec_driver_sql("EXPLAIN (FORMAT JSON) " + st.sql, st.params).scalar()
+            document = rows if isinstance(rows, list) else json.loads(rows)
+            st.plan = document[0]["Plan"]
+        conn.rollback()
+
+
+# --- the hot statements, as each role runs them ------------------------------------------------
+
+
+@dataclass
+class Scene:
+    """What the statements are run against: the outbox's shape (see outbox_scale)."""
+
+    deliveries: int
+    campaign: int  # a campaign to act on (its message has the same id)
+    now: datetime
+
+    def deferred_ids(self, n: int) -> list[int]:
+        # deliveries whose number is 88-91 modulo 100 wait for a retry an hour from now
+        first = (self.campaign - 1) * 100_000
+        return [first + k * 100 + 88 + j for k in range(n // 4 + 1) for j in range(4)][:n]
+
+
+def worker_chunk(scene: Scene) -> Callable[[Session], Any]:
+    """A worker's chunk of 500: claim, load its message, check suppressions, record."""
+
+    def work(session: Session) -> None:
+        later = scene.now + timedelta(hours=2)  # the deferred ones are due by then
+        lease = later + timedelta(minutes=5)
+        claimed = outcomes.claim(session, scene.deferred_ids(500), later, lease)
+        ids = list({c.message_id for c in claimed}) or [scene.campaign]
+        session.connection().execute(delivery._sources(True), {"ids": ids}).all()
+        suppressions.suppressed(session, [c.recipient.lower() for c in claimed])
+        rows = [
+            {
+                "id": c.id,
+                "state": S.SENT,
+                "attempts": c.attempts + 1,
+                "next_attempt_at": later,
+                "last_phase": "data",
+                "last_code": 250,
+                "last_enhanced": "2.0.0",
+                "last_reply": "250 2.0.0 Ok",
+            }
+            for c in claimed
+        ]
+        assert len(rows) == 500, len(rows)
+        fence = {"state": S.SENDING.value, "lease_until": lease}
+        constant = {"lease_until": None, "updated_at": later}
+        bulk.update_rows(session, Delivery, "id", rows, fence=fence, constant=constant)
+
+    return work
+
+
+def dispatcher_pass(scene: Scene, *, due: bool) -> Callable[[Session], Any]:
+    """A dispatcher pass's statements (expire, the due scan of each priority, the publishing
+    UPDATE) with an empty queue; `due`: two hours from now, when the deferred deliveries are
+    due."""
+
+    def work(session: Session) -> None:
+        when = scene.now + timedelta(hours=2 if due else 0)
+        settings = load()
+        outcomes.expire(session, when)
+        relay_health.block(session, settings.smtp.name, when)
+        for priority in Priority:
+            ids = dispatcher.due(session, settings, when, priority, queue_empty=True)
+            dispatcher.mark_published(session, ids, when)
+
+    return work
+
+
+def cli(scene: Scene) -> dict[str, Callable[[Session], Any]]:
+    chosen = queries.Selection(campaign_id=scene.campaign, states=[S.FAILED, S.UNKNOWN])
+    everything = queries.Selection(campaign_id=scene.campaign)
+    addresses = [f"someone{i}@example.org" for i in range(100)]
+    return {
+        "status": lambda s: queries.campaign_status(s, scene.campaign),
+        "report": lambda s: list(itertools.islice(queries.report(s, scene.campaign), 10)),
+        "retry dry run": lambda s: outcomes.retry_candidates(
+            s, chosen.ids(), include_suppressed=False
+        ),
+        "retry": lambda s: outcomes.requeue(s, chosen.ids(), scene.now, include_suppressed=False),
+        "cancel": lambda s: outcomes.cancel(s, everything.ids(), scene.now),
+        "suppress add": lambda s: suppressions.add_checked(s, addresses, "manual", scene.now),
+        "suppress remove": lambda s: suppressions.remove(s, addresses),
+    }
+
+
+def scenes(scene: Scene) -> dict[str, Callable[[Session], Any]]:
+    return {
+        "worker chunk": worker_chunk(scene),
+        "dispatcher pass (none due)": dispatcher_pass(scene, due=False),
+        "dispatcher pass (due)": dispatcher_pass(scene, due=True),
+        **cli(scene),
+    }
+
+
+def describe(name: str, statements: list[Statement]) -> str:
+    lines = [f"== {name}"]
+    for st in statements:
+        first = " ".join(st.sql.split())[:110]
+        scans = ", ".join(f"{k} {r}{' ' + i if i else ''}" for k, r, i in st.scans()) or "-"
+        lines.append(f"  {st.seconds * 1000:8.1f} ms  {first}\n              {scans}")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    import os
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import outbox_scale
+
+    base = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
+    n = int(sys.argv[1]) if len(sys.argv) > 1 else 1_000_000
+    schema = os.environ.get("PLANS_SCHEMA", "s1_scale")
+    if os.environ.get("PLANS_BUILD") == "1":
+        outbox_scale.build(base, schema, n)
+    url = outbox_scale.url_for(base, schema)
+    os.environ["MAILER_DATABASE_URL"] = url
+    config.reload()
+    scene = Scene(n, 5, clock.now())
+    for name, work in scenes(scene).items():
+        print(describe(name, capture(url, work)), flush=True)
+
+
+if __name__ == "__main__":
+    main()
