@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+import weakref
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -52,13 +53,43 @@ def _create(url: str) -> Engine:
         event.listen(eng, "begin", _sqlite_begin)
         return eng
     size = _pool.size
-    return create_engine(
+    eng = create_engine(
         url,
         pool_pre_ping=_pool.pre_ping,
         pool_size=size,
         max_overflow=size,
         json_deserializer=_json_loads,
     )
+    event.listen(eng, "checkout", _checked_out)
+    event.listen(eng, "checkin", _checked_in)
+    return eng
+
+
+# the connections this process has in use, which `cancel_all` interrupts
+_in_use: weakref.WeakSet[Any] = weakref.WeakSet()
+
+
+def _checked_out(dbapi_connection: Any, _record: Any, _proxy: Any) -> None:
+    _in_use.add(dbapi_connection)
+
+
+def _checked_in(dbapi_connection: Any, _record: Any) -> None:
+    _in_use.discard(dbapi_connection)
+
+
+def cancel_all() -> int:
+    """Ask the server to cancel the statement each of this process's PostgreSQL connections
+    is running (a signal handler's way out of a long statement: the statement fails with
+    QueryCanceled, its transaction rolls back and its locks go). Returns how many were
+    asked."""
+    asked = 0
+    for connection in list(_in_use):
+        try:
+            connection.cancel()
+            asked += 1
+        except Exception as exc:  # a closed or broken connection has nothing to cancel
+            log.debug("could not cancel a statement: %s", exc)
+    return asked
 
 
 def _json_loads(document: str | bytes) -> Any:

@@ -109,16 +109,19 @@ def run(settings: Settings | None = None, stop: threading.Event | None = None) -
     try:
         while not stop.is_set():
             if leader.holds():
-                _pass(s)
+                _pass(s, stop)
             stop.wait(s.dispatch_interval)
     finally:
         leader.release()
 
 
-def _pass(s: Settings) -> None:
+def _pass(s: Settings, stop: threading.Event) -> None:
     try:
         report = run_once(s)
     except (OperationalError, InterfaceError, DatabaseUnavailable) as exc:
+        if stop.is_set():  # its statement was cancelled to stop
+            log.info("pass interrupted (%s); stopping", _first_line(exc))
+            return
         log.warning("database unavailable (%s); trying again next pass", _first_line(exc))
     except Exception:
         log.exception("dispatcher pass failed; trying again next pass")

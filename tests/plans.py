@@ -22,6 +22,7 @@ from sqlalchemy.orm import Session
 from mailer import (
     bulk,
     clock,
+    config,
     db,
     delivery,
     dispatcher,
@@ -30,7 +31,6 @@ from mailer import (
     relay_health,
     suppressions,
 )
-from mailer import config
 from mailer.config import load
 from mailer.models import Delivery, DeliveryState, Priority
 

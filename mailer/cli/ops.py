@@ -6,6 +6,7 @@ import os
 import sys
 import threading
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -104,8 +105,15 @@ def dispatcher_cmd(once: bool) -> None:
         )
         return
     stop = threading.Event()
+
+    def stopping(*_: Any) -> None:
+        # a pass may be inside a long statement: cancel it, so that the process exits now
+        # and the server does not go on running it (and holding its rows' locks)
+        stop.set()
+        db.cancel_all()
+
     for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
+        signal.signal(sig, stopping)
     dispatcher.run(stop=stop)
 
 
