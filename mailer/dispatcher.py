@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import and_, exists, or_, select, text, update
+from sqlalchemy import and_, exists, or_, select, text, union_all, update
 from sqlalchemy.exc import InterfaceError, OperationalError
 from sqlalchemy.orm import Session
 
@@ -26,7 +26,10 @@ from mailer.models import Campaign, Delivery, DeliveryState, Message, Priority
 
 log = logging.getLogger(__name__)
 S = DeliveryState
-BATCH = 20000
+# wake-ups a statement (its UPDATE stays well under a second on a big outbox), and at most
+# PER_PASS of each priority a pass: each batch's scan starts again at the earliest due
+BATCH = 5000
+PER_PASS = 20000
 _LOCK_KEY = 0x6D61696D
 
 
@@ -51,11 +54,14 @@ def run_once(settings: Settings | None = None, *, backlog: int | None = -1) -> P
     if backlog == -1:
         backlog = publish.backlog()
     for priority in Priority:
-        with db.session_scope() as session:
-            ids = due(session, s, now, priority, queue_empty=backlog == 0)
-            mark_published(session, ids, now)
-        if ids:
-            report.published += publish.publish(ids, priority, s.chunk_size)
+        for _ in range(PER_PASS // BATCH):
+            with db.session_scope() as session:
+                ids = due(session, s, now, priority, queue_empty=backlog == 0)
+                mark_published(session, ids, now)
+            if ids:
+                report.published += publish.publish(ids, priority, s.chunk_size)
+            if len(ids) < BATCH:
+                break
     return report
 
 
@@ -90,14 +96,24 @@ def due(
         Delivery.state == S.SENDING, Delivery.lease_until < now, needs_wakeup(Delivery.lease_until)
     )
     paused = exists().where(Campaign.id == Message.campaign_id, Campaign.paused.is_(True))
-    query = (
-        select(Delivery.id)
-        .join(Message, Delivery.message_id == Message.id)
-        .where(or_(ready, abandoned), Message.priority == priority, ~paused)
-        .order_by(Delivery.id)
-        .limit(BATCH)
-    )
-    return list(session.scalars(query))
+
+    def earliest(condition: Any, when: Any) -> Any:
+        # read in the order of the partial index that holds them (due, leased), so that the
+        # scan stops at BATCH: ordered by id, the planner walked the primary key, the whole
+        # outbox's history, filtering
+        return (
+            select(Delivery.id)
+            .join(Message, Delivery.message_id == Message.id)
+            .where(condition, Message.priority == priority, ~paused)
+            .order_by(when)
+            .limit(BATCH)
+        )
+
+    # each branch its own subquery: SQLite takes no LIMIT inside a UNION's members
+    first = earliest(ready, Delivery.next_attempt_at).subquery()
+    second = earliest(abandoned, Delivery.lease_until).subquery()
+    found = union_all(select(first.c.id), select(second.c.id)).subquery()
+    return list(session.scalars(select(found.c.id).order_by(found.c.id).limit(BATCH)))
 
 
 def run(settings: Settings | None = None, stop: threading.Event | None = None) -> None:
