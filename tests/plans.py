@@ -72,8 +72,9 @@ def capture(url: str, work: Callable[[Session], Any]) -> list[Statement]:
     started: list[float] = []
 
     def before(_c: Any, _cur: Any, sql: str, params: Any, _ctx: Any, many: bool) -> None:
-        if not many and sql.lstrip().split(None, 1)[0].upper() in _VERBS:
-            seen.append(Statement(sql, params))
+        if sql.lstrip().split(None, 1)[0].upper() in _VERBS:
+            # an executemany is explained with its first row's parameters
+            seen.append(Statement(sql, params[0] if many and params else params))
             started.append(time.perf_counter())
 
     def after(_c: Any, _cur: Any, sql: str, _p: Any, _ctx: Any, many: bool) -> None:
