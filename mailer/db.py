@@ -74,7 +74,8 @@ def _checked_out(dbapi_connection: Any, _record: Any, _proxy: Any) -> None:
 
 
 def _checked_in(dbapi_connection: Any, _record: Any) -> None:
-    _in_use.discard(dbapi_connection)
+    if dbapi_connection is not None:  # None: the connection was invalidated, and is gone
+        _in_use.discard(dbapi_connection)
 
 
 def cancel_all() -> int:
