@@ -37,6 +37,11 @@ class Settings:
     relay_backoff: float
     log_level: str
     hooks: tuple[str, ...] = ()
+    # (role, seconds) pairs, 0 for none: see MAILER_STATEMENT_TIMEOUTS
+    statement_timeouts: tuple[tuple[str, float], ...] = ()
+
+    def statement_timeout(self, role: str) -> float:
+        return dict(self.statement_timeouts).get(role, 0.0)
 
 
 # name, default, meaning: `mailer config` prints these, and the README's table lists them
@@ -97,6 +102,13 @@ VARIABLES: list[tuple[str, str, str]] = [
         "delivery hooks, comma-separated `package.module:attribute` paths of mailer.hooks.Hooks "
         "subclasses or instances (e.g. mailer.hooks.chunklog:ChunkLog logs a line a chunk)",
     ),
+    (
+        "MAILER_STATEMENT_TIMEOUTS",
+        "worker=30,dispatcher=60,producer=60,cli=300",
+        "PostgreSQL `statement_timeout` in seconds for each role: worker, dispatcher, producer "
+        "(a web backend that imports mailer), cli (0: none; a role left out keeps its default; "
+        "`mailer db upgrade` has none)",
+    ),
 ]
 _DEFAULTS = {name: default for name, default, _ in VARIABLES}
 
@@ -135,6 +147,7 @@ def load(env: Mapping[str, str] = os.environ) -> Settings:
         relay_backoff=parsed("MAILER_RELAY_BACKOFF", _seconds),
         log_level=parsed("MAILER_LOG_LEVEL", _log_level),
         hooks=parsed("MAILER_HOOKS", _hooks),
+        statement_timeouts=parsed("MAILER_STATEMENT_TIMEOUTS", _timeouts),
     )
 
 
@@ -243,3 +256,24 @@ def _hooks(value: str) -> tuple[str, ...]:
     for path in paths:
         hooks.resolve(path)
     return paths
+
+
+ROLES = ("worker", "dispatcher", "producer", "cli")
+
+
+def _timeouts(value: str) -> tuple[tuple[str, float], ...]:
+    """`role=seconds,...` over the defaults, so that one role can be changed alone."""
+    found = dict(_role_seconds(_DEFAULTS["MAILER_STATEMENT_TIMEOUTS"]))
+    found.update(_role_seconds(value))
+    return tuple(found.items())
+
+
+def _role_seconds(value: str) -> list[tuple[str, float]]:
+    pairs = []
+    for item in filter(None, (part.strip() for part in value.split(","))):
+        role, equals, seconds = item.partition("=")
+        role = role.strip()
+        if not equals or role not in ROLES:
+            raise ValueError(f"{item!r} is not role=seconds with a role of {', '.join(ROLES)}")
+        pairs.append((role, _seconds(seconds)))
+    return pairs

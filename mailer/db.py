@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import orjson
-from sqlalchemy import Connection, Engine, create_engine, event
+from sqlalchemy import URL, Connection, Engine, create_engine, event, make_url
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import InterfaceError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
@@ -35,6 +35,12 @@ class _Pool:
 
 
 _pool = _Pool()
+# what this process does, which sets its statement_timeout (MAILER_STATEMENT_TIMEOUTS): a web
+# backend that imports mailer is a producer; the commands say what they are (set_role)
+_role = "producer"
+# a statement whose client has gone (killed mid-statement) is stopped by the server after this
+# (PostgreSQL 14+), instead of running on and holding its locks
+CONNECTION_CHECK_MS = 5000
 _sessions: dict[str, sessionmaker[Session]] = {}
 _READ_ONLY = "mailer_read_only"
 
@@ -54,7 +60,7 @@ def _create(url: str) -> Engine:
         return eng
     size = _pool.size
     eng = create_engine(
-        url,
+        _with_limits(url),
         pool_pre_ping=_pool.pre_ping,
         pool_size=size,
         max_overflow=size,
@@ -63,6 +69,30 @@ def _create(url: str) -> Engine:
     event.listen(eng, "checkout", _checked_out)
     event.listen(eng, "checkin", _checked_in)
     return eng
+
+
+def _with_limits(url: str) -> URL:
+    """The URL with this role's statement_timeout and the connection check as startup
+    options, added to any the URL has (a search_path, say): no round trip per connection."""
+    parsed = make_url(url)
+    timeout_ms = round(settings().statement_timeout(_role) * 1000)
+    limits = (
+        f"-c statement_timeout={timeout_ms}"
+        f" -c client_connection_check_interval={CONNECTION_CHECK_MS}"
+    )
+    options = parsed.query.get("options")
+    if isinstance(options, tuple):
+        options = " ".join(options)
+    return parsed.update_query_dict({"options": f"{options} {limits}" if options else limits})
+
+
+def set_role(role: str) -> None:
+    """What this process does from now on (worker, dispatcher, producer, cli): engines
+    made from now on take that role's statement_timeout."""
+    global _role
+    if role != _role:
+        _role = role
+        reset()
 
 
 # the connections this process has in use, which `cancel_all` interrupts

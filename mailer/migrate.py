@@ -29,6 +29,8 @@ def upgrade(url: str | None = None, revision: str = "head") -> None:
     eng = config.attributes["engine"]
     with eng.begin() as connection:
         if connection.dialect.name == "postgresql":
+            # a migration may rewrite a big table: no role's statement_timeout applies
+            connection.execute(text("SET LOCAL statement_timeout = 0"))
             connection.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": _MIGRATION_LOCK})
         config.attributes["connection"] = connection
         command.upgrade(config, revision)

@@ -11,7 +11,7 @@ import sys
 import click
 from sqlalchemy.exc import OperationalError, ProgrammingError
 
-from mailer import config
+from mailer import config, db
 from mailer.cli import campaigns, deliveries, ops, relay, suppressions
 from mailer.cli.params import hide
 from mailer.errors import MailerError
@@ -33,6 +33,7 @@ def cli() -> None:
     Configuration comes from MAILER_* environment variables (see `mailer config`).
     """
     _setup_logging()
+    db.set_role("cli")
 
 
 for _command in (

@@ -65,6 +65,7 @@ def worker_cmd(concurrency: int | None, pool: str, celery_args: tuple[str, ...])
     """
     from mailer.celery_app import app
 
+    db.set_role("worker")
     if pool == "threads" and concurrency:
         # each thread holds a connection only while it claims or records, but may need one
         # at any time: a pool a quarter of the threads, doubling at need, avoids the waits
@@ -97,6 +98,7 @@ def dispatcher_cmd(once: bool) -> None:
 
     from mailer import dispatcher
 
+    db.set_role("dispatcher")
     if once:
         report = dispatcher.run_once()
         click.echo(
