@@ -4,12 +4,14 @@ suppression list."""
 
 from __future__ import annotations
 
+import time
+from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
 from click.testing import CliRunner
-from sqlalchemy import create_engine, select, text, update
+from sqlalchemy import create_engine, event, select, text, update
 from sqlalchemy.exc import OperationalError
 
 import mailer
@@ -19,6 +21,7 @@ from mailer.delivery import deliver_chunk
 from mailer.models import Attempt, Campaign, Delivery, Message, Suppression
 from mailer.replies import Phase, SMTPReply
 from mailer.transport.memory import MemoryTransport
+from tests.conftest import PG_SCHEMA, PG_URL
 from tests.helpers import add_template, count, deliveries, states
 
 LONG_AGO = datetime(2020, 1, 1, tzinfo=UTC)
@@ -224,3 +227,99 @@ def test_each_lookup_can_use_its_index(index: str, pg_db: str) -> None:
     assert index in plan, plan
     if index == "ix_deliveries_recipient":
         assert "ix_deliveries_leased" in plan, plan
+
+
+# --- at scale (make slow) ----------------------------------------------------------------------
+
+SCALE_SCHEMA = f"{PG_SCHEMA}_purge"
+SCALE_LOAD = (
+    # 200,000 one-recipient messages, then 80 campaign messages of 10,000 deliveries each; half
+    # of everything changed more than 90 days ago
+    "INSERT INTO templates (name, version, subject, text, created_at) "
+    "VALUES ('t', 1, 's', 'x', now())",
+    "INSERT INTO campaigns (id, name, paused, created_at) "
+    "SELECT g, 'c' || g, false, now() - interval '180 days' FROM generate_series(1, 80) g",
+    "INSERT INTO messages (id, campaign_id, template_id, from_addr, context, headers, token, "
+    "priority, created_at) SELECT g, CASE WHEN g > 200000 THEN g - 200000 END, 1, 'f@x.org', "
+    "'{}', '{}', md5(g::text), 'bulk', now() - interval '180 days' "
+    "FROM generate_series(1, 200080) g",
+    "INSERT INTO deliveries (id, message_id, recipient, domain, context, state, attempts, "
+    "next_attempt_at, last_reply, created_at, updated_at) "
+    "SELECT g, CASE WHEN g <= 200000 THEN g ELSE 200001 + (g - 200001) / 10000 END, "
+    "'user' || g || '@example' || g % 50 || '.com', 'example' || g % 50 || '.com', "
+    "CASE WHEN g > 200000 THEN jsonb_build_object('name', 'Reader ' || g) END, "
+    "(ARRAY['sent', 'sent', 'sent', 'sent', 'bounced', 'failed', 'unknown', 'deferred'])"
+    "[1 + g % 8], 2, now(), '250 2.0.0 Ok: queued as ' || md5(g::text), "
+    "now() - (g % 180) * interval '1 day', now() - (g % 180) * interval '1 day' "
+    "FROM generate_series(1, 1000000) g",
+    "INSERT INTO attempts (delivery_id, started_at, finished_at, phase, code, reply, outcome, "
+    "relay, tls) SELECT d.id, d.updated_at, d.updated_at, 'rcpt', 250, d.last_reply, "
+    "'delivered', 'relay.example.org:587', true FROM deliveries d, generate_series(1, 2)",
+    "INSERT INTO suppressions (address, reason, source_delivery_id, created_at) "
+    "SELECT recipient, 'hard bounce', id, updated_at FROM deliveries WHERE state = 'bounced'",
+    "SELECT setval(pg_get_serial_sequence('attempts', 'id'), (SELECT max(id) FROM attempts))",
+)
+
+
+@pytest.fixture
+def million_deliveries(postgres_url: str | None) -> Iterator[str]:
+    """1M deliveries and 2M attempts, analysed, in a schema of their own (dropped after)."""
+    if postgres_url is None:
+        pytest.skip("PostgreSQL not reachable")
+    from mailer import migrate
+
+    admin = create_engine(PG_URL, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(text(f"DROP SCHEMA IF EXISTS {SCALE_SCHEMA} CASCADE"))
+        conn.execute(text(f"CREATE SCHEMA {SCALE_SCHEMA}"))
+    sep = "&" if "?" in PG_URL else "?"
+    url = f"{PG_URL}{sep}options=-csearch_path%3D{SCALE_SCHEMA}"
+    try:
+        migrate.upgrade(url)
+        with db.engine(url).begin() as conn:
+            for statement in SCALE_LOAD:
+                conn.execute(text(statement))
+        with db.engine(url).connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+            conn.execute(text("VACUUM ANALYZE"))
+        yield url
+    finally:
+        db.reset()
+        with admin.connect() as conn:
+            conn.execute(text(f"DROP SCHEMA IF EXISTS {SCALE_SCHEMA} CASCADE"))
+        admin.dispose()
+
+
+@pytest.mark.slow
+def test_purge_batches_use_indexes_and_stay_short_on_a_million_rows(
+    million_deliveries: str,
+) -> None:
+    url = million_deliveries
+    cutoff = datetime.now(UTC) - timedelta(days=90)
+    plans: list[str] = []
+
+    def explain(conn: Any, cursor: Any, statement: str, parameters: Any, *_: Any) -> None:
+        if statement.startswith(("SELECT", "DELETE")):  # EXPLAIN ANALYZE, then undone
+            cursor.execute("SAVEPOINT explain")
+            cursor.execute(f"EXPLAIN (ANALYZE) {statement}", parameters)
+            plans.append("\n".join(row[0] for row in cursor.fetchall()))
+            cursor.execute("ROLLBACK TO SAVEPOINT explain")
+
+    engine = db.engine(url)
+    event.listen(engine, "before_cursor_execute", explain)
+    try:
+        with db.session_scope(url) as session:
+            assert retention.count(session, cutoff) > 300_000
+            assert retention.purge_batch(session, cutoff, 2000, after=None) is not None
+    finally:
+        event.remove(engine, "before_cursor_execute", explain)
+    assert len(plans) >= 5  # count, choose, attempts, deliveries, messages
+    for plan in plans:
+        assert "Seq Scan" not in plan, plan
+
+    slowest, started = 0.0, time.monotonic()
+    for total in retention.purge(cutoff, 2000, url):
+        slowest = max(slowest, time.monotonic() - started)
+        started = time.monotonic()
+        if total.batches == 50:
+            break
+    assert slowest < 1.0, f"a batch took {slowest:.2f}s"
