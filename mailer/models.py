@@ -152,6 +152,26 @@ class Message(Base):
     created_at: Mapped[datetime]
 
 
+# final states that `mailer purge` may delete; `unknown` is final but waits for an operator's
+# decision (it may have been delivered), so it is kept
+PURGEABLE = (
+    DeliveryState.SENT,
+    DeliveryState.BOUNCED,
+    DeliveryState.FAILED,
+    DeliveryState.EXPIRED,
+    DeliveryState.SUPPRESSED,
+    DeliveryState.CANCELLED,
+)
+PURGEABLE_WHERE = "state IN (" + ", ".join(f"'{state.value}'" for state in PURGEABLE) + ")"
+SETTLED_WHERE = "state <> 'sending'"
+
+
+def _settled(name: str, *columns: Any) -> Index:
+    """An index of the deliveries not in flight."""
+    where = text(SETTLED_WHERE)
+    return Index(name, *columns, postgresql_where=where, sqlite_where=where)
+
+
 class Delivery(Base):
     """One recipient of one message: the unit that is claimed, sent, retried and reported."""
 
@@ -177,6 +197,26 @@ class Delivery(Base):
             "lease_until",
             postgresql_where=text("state = 'sending'"),
             sqlite_where=text("state = 'sending'"),
+        ),
+        # the read paths of the next features (migration 0004); none holds in-flight
+        # deliveries (`sending`), so that a claim adds no entry to them: the few in flight
+        # are found through ix_deliveries_leased
+        _settled("ix_deliveries_recipient", func.lower(text("recipient"))),
+        _settled("ix_deliveries_message_id_domain", "message_id", "domain"),
+        _settled(
+            "ix_deliveries_message_id_state_updated_at_id",
+            "message_id",
+            "state",
+            "updated_at",
+            "id",
+        ),
+        # what `mailer purge` looks for: an entry only when a delivery reaches a final state
+        Index(
+            "ix_deliveries_purgeable",
+            "updated_at",
+            "id",
+            postgresql_where=text(PURGEABLE_WHERE),
+            sqlite_where=text(PURGEABLE_WHERE),
         ),
     )
 
@@ -218,13 +258,25 @@ class Attempt(Base):
 
 class Suppression(Base):
     __tablename__ = "suppressions"
+    __table_args__ = (
+        # deleting a delivery looks here for the suppressions it caused (migration 0004)
+        Index(
+            "ix_suppressions_source_delivery_id",
+            "source_delivery_id",
+            postgresql_where=text("source_delivery_id IS NOT NULL"),
+            sqlite_where=text("source_delivery_id IS NOT NULL"),
+        ),
+    )
 
     # BigId: an import that skips known addresses (ON CONFLICT DO NOTHING) spends an id on
     # each row it tries, kept or not
     id: Mapped[int] = mapped_column(BigId, primary_key=True)
     address: Mapped[str] = mapped_column(String(320), unique=True)
     reason: Mapped[str] = mapped_column(Text)
-    source_delivery_id: Mapped[int | None] = mapped_column(BigId, ForeignKey("deliveries.id"))
+    # SET NULL: purging the delivery that caused a suppression keeps the suppression
+    source_delivery_id: Mapped[int | None] = mapped_column(
+        BigId, ForeignKey("deliveries.id", ondelete="SET NULL")
+    )
     created_at: Mapped[datetime]
 
 

@@ -12,7 +12,7 @@ import click
 from sqlalchemy.exc import OperationalError, ProgrammingError
 
 from mailer import config, db
-from mailer.cli import campaigns, deliveries, ops, relay, suppressions
+from mailer.cli import campaigns, deliveries, ops, relay, retention, suppressions
 from mailer.cli.params import hide
 from mailer.errors import MailerError
 
@@ -49,6 +49,7 @@ for _command in (
     deliveries.retry_cmd,
     deliveries.cancel_cmd,
     suppressions.suppress_group,
+    retention.purge_cmd,
     # running
     ops.worker_cmd,
     ops.dispatcher_cmd,
