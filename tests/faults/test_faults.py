@@ -28,6 +28,7 @@ from tests.faults.harness import (
     LEASE,
     RECIPIENTS,
     TIMINGS,
+    Proc,
     Rig,
     attempts_by_outcome,
     recipients_in,
@@ -231,7 +232,7 @@ def test_redis_restart_with_a_big_outbox(rig: Rig, pg_db: str) -> None:
 def _redis_restart(rig: Rig, scenario: str, big: backlog.Backlog | None = None) -> None:
     sent = _campaign()
     campaign = sent.campaign_id if big else None
-    rig.worker()
+    worker = rig.worker()
     rig.dispatcher()
     with Arrivals(rig.server) as arrivals:
         rig.wait_copies(MIDWAY)
@@ -241,7 +242,7 @@ def _redis_restart(rig: Rig, scenario: str, big: backlog.Backlog | None = None) 
         _assert_mid_campaign(rig)
         time.sleep(1)
         rig.redis.start()
-        back = time.monotonic()
+        back, back_at = time.monotonic(), time.time()
         assert rig.redis.queued() == 0
         outcome = rig.finish(
             scenario, notes=f"{backlog_before} tasks queued at the kill", campaign=campaign
@@ -255,7 +256,7 @@ def _redis_restart(rig: Rig, scenario: str, big: backlog.Backlog | None = None) 
     resumed = None if first is None else first - back
     outcome.row.notes += (
         f"; resumed {'never' if resumed is None else f'{resumed:.1f} s'} after Redis came "
-        f"back (bound {RESUME_BOUND:.1f} s)"
+        f"back (bound {RESUME_BOUND:.1f} s: {_breakdown(worker, republished, back_at)})"
     )
     if big is not None:
         outcome.row.notes += f"; {big.describe()}"
@@ -268,14 +269,32 @@ def _redis_restart(rig: Rig, scenario: str, big: backlog.Backlog | None = None) 
     )
 
 
-def _published_since(when: datetime, campaign: int | None) -> set[str]:
+def _published_since(when: datetime, campaign: int | None) -> dict[str, datetime]:
+    """Recipient -> published_at, of the deliveries published at or after `when`."""
     with db.session_scope() as session:
-        query = select(Delivery.recipient).where(Delivery.published_at >= when)
+        query = select(Delivery.recipient, Delivery.published_at).where(
+            Delivery.published_at >= when
+        )
         if campaign is not None:
             query = query.join(Message, Message.id == Delivery.message_id).where(
                 Message.campaign_id == campaign
             )
-        return {r.lower() for r in session.scalars(query)}
+        return {r.lower(): at for r, at in session.execute(query) if at is not None}
+
+
+def _breakdown(worker: Proc, republished: dict[str, datetime], back_at: float) -> str:
+    """Where the time went after Redis came back (epoch `back_at`): the worker's reconnection
+    (its log's last "Connected to"), and the start of the dispatcher's first pass that
+    republished (the published_at it wrote)."""
+    parts = []
+    connected = worker.grep("Connected to")
+    if connected:
+        stamp = datetime.strptime(connected[-1][:23], "%Y-%m-%d %H:%M:%S,%f")
+        parts.append(f"worker reconnected +{stamp.timestamp() - back_at:.1f} s")
+    if republished:
+        started = min(republished.values()).timestamp() - back_at
+        parts.append(f"republishing pass started {started:+.1f} s")
+    return ", ".join(parts)
 
 
 # --- 5: the database unreachable -----------------------------------------------------------------
