@@ -290,7 +290,7 @@ def _breakdown(worker: Proc, republished: dict[str, datetime], back_at: float) -
     connected = worker.grep("Connected to")
     if connected:
         stamp = datetime.strptime(connected[-1][:23], "%Y-%m-%d %H:%M:%S,%f")
-        parts.append(f"worker reconnected +{stamp.timestamp() - back_at:.1f} s")
+        parts.append(f"worker reconnected {stamp.timestamp() - back_at:+.1f} s")
     if republished:
         started = min(republished.values()).timestamp() - back_at
         parts.append(f"republishing pass started {started:+.1f} s")
