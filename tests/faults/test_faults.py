@@ -2,6 +2,7 @@
 redis-server, `mailer worker` and `mailer dispatcher` subprocesses, PostgreSQL, the scripted
 SMTP server), a fault in the middle, then the server's stored copies compared with the
 database, recipient by recipient. Each scenario adds a row to the table printed at the end.
+Redis restarted empty (scenarios 4, 4b) is in test_redis_restart.py.
 
 Run alone: .venv/bin/python -m pytest -m faults -s tests/faults
 """
@@ -12,23 +13,24 @@ import contextlib
 import json
 import threading
 import time
-from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
 from sqlalchemy import select
 
 from mailer import db, dispatcher, enqueue, publish, recipients
-from mailer.models import Attempt, Delivery, DeliveryState, Message, Priority
-from tests.faults import backlog
-from tests.faults.arrivals import Arrivals
+from mailer.models import Attempt, Delivery, DeliveryState, Priority
+from tests.faults.campaign import (
+    MIDWAY,
+    assert_mid_campaign,
+    queue_campaign,
+    recipient_address,
+)
 from tests.faults.harness import (
     CHUNK,
     CONCURRENCY,
     LEASE,
     RECIPIENTS,
-    TIMINGS,
-    Proc,
     Rig,
     attempts_by_outcome,
     recipients_in,
@@ -40,44 +42,13 @@ from tests.helpers import add_template
 
 pytestmark = pytest.mark.faults
 
-# the fault strikes once the server has stored this many messages: well inside the campaign
-MIDWAY = 600
-
-
-def _address(i: int) -> str:
-    return f"r{i:05d}@example.com"
-
-
-def _campaign(
-    n: int = RECIPIENTS, *, extra: dict[str, dict[str, object]] | None = None
-) -> enqueue.CampaignResult:
-    """The campaign every scenario sends: one template, one row (own context) per recipient;
-    `extra` adds context to some rows (a row with `big` gets a body of `big` 96-byte lines)."""
-    add_template(
-        text=(
-            "Hi {{ name }}, this is {{ email }}.\n"
-            "{% if big is defined %}{% for _ in range(big) %}{{ 'x' * 95 }}\n{% endfor %}"
-            "{% endif %}"
-        )
-    )
-    extra = extra or {}
-    rows = [{"email": _address(i), "name": f"n{i}", **extra.get(_address(i), {})} for i in range(n)]
-    result = enqueue.send_campaign("welcome", rows, name="faults")
-    assert result.queued == n
-    return result
-
-
-def _assert_mid_campaign(rig: Rig, total: int = RECIPIENTS) -> None:
-    stored = len(rig.server.messages)
-    assert stored < total, f"the campaign was over ({stored} stored) before the fault"
-
 
 # --- 0: the control ------------------------------------------------------------------------------
 
 
 def test_control_without_fault(rig: Rig) -> None:
     """The same campaign with no fault: the baseline the other rows compare with."""
-    _campaign()
+    queue_campaign()
     rig.worker()
     rig.dispatcher()
     outcome = rig.finish("0 control (no fault)", notes=f"lease {LEASE} s")
@@ -99,7 +70,7 @@ def test_kill_9_of_a_pool_process(rig: Rig) -> None:
     # nothing `sending`, often found it over, with no room for another)
     total = 3 * RECIPIENTS
     rig.server.reply("DOT", "250 2.0.0 Ok: queued", delay=0.004)
-    _campaign(total)
+    queue_campaign(total)
     worker = rig.worker()
     rig.dispatcher()
     rig.wait_copies(MIDWAY // 2)
@@ -113,7 +84,7 @@ def test_kill_9_of_a_pool_process(rig: Rig) -> None:
         killed_at = time.monotonic()
         kills += 1
         in_flight |= recipients_in("sending")
-        _assert_mid_campaign(rig, total)
+        assert_mid_campaign(rig, total)
         assert wait_until(
             lambda v=victim: len(worker.children()) >= CONCURRENCY and v not in worker.children(),
             20,
@@ -144,13 +115,13 @@ def test_kill_9_of_the_whole_worker(rig: Rig) -> None:
     had reserved stay unacknowledged in Redis (visibility timeout >= 1 h), so their queued
     deliveries come back through the dispatcher's lost-wake-up rule, the claimed ones through
     the lease."""
-    _campaign()
+    queue_campaign()
     worker = rig.worker()
     rig.dispatcher()
     rig.wait_copies(MIDWAY)
     worker.kill_group()
     in_flight = recipients_in("sending")
-    _assert_mid_campaign(rig)
+    assert_mid_campaign(rig)
     time.sleep(1)
     rig.worker()
 
@@ -172,13 +143,13 @@ def test_kill_9_of_the_whole_worker(rig: Rig) -> None:
 def test_sigterm_warm_shutdown_and_restart(rig: Rig) -> None:
     """SIGTERM: the worker finishes the chunks it runs, records them, QUITs its SMTP sessions
     and exits; a restarted worker does the rest. Nothing lost, nothing twice."""
-    _campaign()
+    queue_campaign()
     worker = rig.worker()
     rig.dispatcher()
     rig.wait_copies(MIDWAY)
     status = worker.terminate(timeout=60)
     assert status is not None, f"the worker did not stop within 60 s of SIGTERM\n{worker.tail()}"
-    _assert_mid_campaign(rig)
+    assert_mid_campaign(rig)
     stopped = {
         "connections": rig.server.connections,
         "quits": rig.server.quits,
@@ -204,99 +175,6 @@ def test_sigterm_warm_shutdown_and_restart(rig: Rig) -> None:
     )
 
 
-# --- 4: Redis restarted without persistence ----------------------------------------------------
-
-# sending must resume this soon after Redis comes back empty: the dispatcher's next pass (up to
-# an interval away) sees the empty queue and republishes what was published more than
-# MAILER_REPUBLISH_AFTER ago, one more interval for a pass that was under way, and 2 s for the
-# worker to reconnect, take the wake-up and send (issue 18)
-RESUME_BOUND = float(TIMINGS["republish_after"]) + 2 * float(TIMINGS["dispatch_interval"]) + 2
-
-
-def test_redis_restart_loses_the_queue(rig: Rig) -> None:
-    """Redis is killed and restarted empty: every queued wake-up is gone. The dispatcher sees
-    the empty queue and republishes the queued deliveries older than MAILER_REPUBLISH_AFTER."""
-    _redis_restart(rig, "4 Redis restart (queue lost)")
-
-
-def test_redis_restart_with_a_big_outbox(rig: Rig, pg_db: str) -> None:
-    """The same with the outbox of issue 18's operator already in the database: 300,000
-    deliveries queued for tomorrow and a past campaign's history, analyzed. Every statement the
-    dispatcher runs after the restart must stay quick on it, so that sending resumes within the
-    same bound; the rows for tomorrow are neither sent nor published."""
-    big = backlog.fill(pg_db)
-    _redis_restart(rig, "4b Redis restart, big outbox", big)
-    assert backlog.untouched(pg_db, big) == {"scheduled changed": 0, "history changed": 0}
-
-
-def _redis_restart(rig: Rig, scenario: str, big: backlog.Backlog | None = None) -> None:
-    sent = _campaign()
-    campaign = sent.campaign_id if big else None
-    worker = rig.worker()
-    rig.dispatcher()
-    with Arrivals(rig.server) as arrivals:
-        rig.wait_copies(MIDWAY)
-        backlog_before = rig.redis.queued()
-        killed_at = datetime.now(UTC)
-        rig.redis.kill()
-        _assert_mid_campaign(rig)
-        time.sleep(1)
-        rig.redis.start()
-        back, back_at = time.monotonic(), time.time()
-        assert rig.redis.queued() == 0
-        outcome = rig.finish(
-            scenario, notes=f"{backlog_before} tasks queued at the kill", campaign=campaign
-        )
-        # the copies sent on a wake-up the dispatcher published after the kill, which could
-        # reach Redis only once it was back (those of tasks running at the kill, or restored
-        # by the worker, do not tell that sending resumed). A pass's published_at is the time
-        # it started, which may be before Redis came back.
-        republished = _published_since(killed_at, campaign)
-        first = arrivals.first(republished, after=back)
-    resumed = None if first is None else first - back
-    outcome.row.notes += (
-        f"; resumed {'never' if resumed is None else f'{resumed:.1f} s'} after Redis came "
-        f"back (bound {RESUME_BOUND:.1f} s: {_breakdown(worker, republished, back_at)})"
-    )
-    if big is not None:
-        outcome.row.notes += f"; {big.describe()}"
-    assert outcome.row.lost == 0, outcome.explain()
-    assert outcome.row.duplicated == 0, outcome.explain()
-    assert not outcome.stray, f"copies for recipients outside the campaign: {outcome.stray}"
-    assert republished, "nothing was republished after Redis came back"
-    assert resumed is not None and resumed <= RESUME_BOUND, (
-        f"sending resumed {resumed} s after Redis came back, bound {RESUME_BOUND} s\n{rig.tails()}"
-    )
-
-
-def _published_since(when: datetime, campaign: int | None) -> dict[str, datetime]:
-    """Recipient -> published_at, of the deliveries published at or after `when`."""
-    with db.session_scope() as session:
-        query = select(Delivery.recipient, Delivery.published_at).where(
-            Delivery.published_at >= when
-        )
-        if campaign is not None:
-            query = query.join(Message, Message.id == Delivery.message_id).where(
-                Message.campaign_id == campaign
-            )
-        return {r.lower(): at for r, at in session.execute(query) if at is not None}
-
-
-def _breakdown(worker: Proc, republished: dict[str, datetime], back_at: float) -> str:
-    """Where the time went after Redis came back (epoch `back_at`): the worker's reconnection
-    (its log's last "Connected to"), and the start of the dispatcher's first pass that
-    republished (the published_at it wrote)."""
-    parts = []
-    connected = worker.grep("Connected to")
-    if connected:
-        stamp = datetime.strptime(connected[-1][:23], "%Y-%m-%d %H:%M:%S,%f")
-        parts.append(f"worker reconnected {stamp.timestamp() - back_at:+.1f} s")
-    if republished:
-        started = min(republished.values()).timestamp() - back_at
-        parts.append(f"republishing pass started {started:+.1f} s")
-    return ", ".join(parts)
-
-
 # --- 5: the database unreachable -----------------------------------------------------------------
 
 
@@ -309,7 +187,7 @@ def test_database_unreachable_for_15_seconds(rig: Rig, pg_db: str) -> None:
     Afterwards the dispatchers must still be there, one of them active."""
     proxy, through_proxy = rig.db_proxy(pg_db)
     env = {"MAILER_DATABASE_URL": through_proxy}
-    _campaign()
+    queue_campaign()
     # the dispatchers settle first: the worker is quick enough to finish while they start
     active = rig.dispatcher(env=env)
     assert wait_until(lambda: active.grep("dispatcher active"), 15), active.tail()
@@ -318,7 +196,7 @@ def test_database_unreachable_for_15_seconds(rig: Rig, pg_db: str) -> None:
     worker = rig.worker(env=env)
     rig.wait_copies(MIDWAY)
     proxy.outage()
-    _assert_mid_campaign(rig)
+    assert_mid_campaign(rig)
     stored_at_cut = len(rig.server.messages)
     time.sleep(15)
     stored_during = len(rig.server.messages) - stored_at_cut
@@ -362,7 +240,7 @@ def test_database_unreachable_for_15_seconds(rig: Rig, pg_db: str) -> None:
 def test_smtp_server_down_then_back(rig: Rig) -> None:
     """The relay stops answering for 8 s (connections refused), then comes back on its port:
     deliveries are deferred while the relay rests (no attempt spent), then all delivered once."""
-    _campaign()
+    queue_campaign()
     rig.worker()
     rig.dispatcher()
     rig.wait_copies(MIDWAY)
@@ -377,7 +255,7 @@ def test_smtp_server_down_then_back(rig: Rig) -> None:
     time.sleep(0.5)
     rig.server.stop()
     rig.server.clear()
-    _assert_mid_campaign(rig)
+    assert_mid_campaign(rig)
     time.sleep(8)
     during = state_counts()
     rig.server.start()
@@ -411,7 +289,7 @@ def test_connection_dropped_at_each_phase(rig: Rig, policy: str) -> None:
     rig.configure(ambiguous=policy)
     picked: dict[str, list[str]] = {}
     step = RECIPIENTS // (PER_PHASE * 4 + 1)
-    addresses = iter(_address(i) for i in range(step, RECIPIENTS, step))
+    addresses = iter(recipient_address(i) for i in range(step, RECIPIENTS, step))
     for phase in (*PRE_DOT, "after_dot"):
         picked[phase] = [next(addresses) for _ in range(PER_PHASE)]
         for address in picked[phase]:
@@ -423,7 +301,7 @@ def test_connection_dropped_at_each_phase(rig: Rig, policy: str) -> None:
     # that drop from one after "." (it reads no reply to "."): it is ambiguous. A 9.6 MB body,
     # more than the loopback buffers hold (tcp_wmem max 4 MB), makes the drop land while the
     # client is still writing: a drop before ".", which must be retried.
-    _campaign(extra={address: {"big": 100_000} for address in picked["body"]})  # 9.6 MB
+    queue_campaign(extra={address: {"big": 100_000} for address in picked["body"]})  # 9.6 MB
     rig.worker()
     rig.dispatcher()
 
@@ -476,10 +354,10 @@ def test_every_chunk_published_three_times_and_two_dispatchers(rig: Rig) -> None
     a third, lock-less dispatcher loop (run_once) runs in this process; some recipients are
     deferred once (451) so the dispatchers have retries to publish. The compare-and-set claim
     must make every message go out once."""
-    busy = [_address(i) for i in range(7, RECIPIENTS, 50)]
+    busy = [recipient_address(i) for i in range(7, RECIPIENTS, 50)]
     for address in busy:
         rig.server.reply("RCPT", "451 4.3.0 Mailbox busy, try again", recipient=address, times=1)
-    _campaign()
+    queue_campaign()
     with db.session_scope() as session:
         ids = list(session.scalars(select(Delivery.id).order_by(Delivery.id)))
     for _ in range(2):
@@ -527,11 +405,11 @@ def test_poison_row_fails_alone(rig: Rig, tmp_path: Path) -> None:
         text="Hi {{ name }}, your coupon is {{ coupon }}.\n",
     )
     poison_index = 1234
-    poison = _address(poison_index)
+    poison = recipient_address(poison_index)
     path = tmp_path / "recipients.jsonl"
     with path.open("w") as out:
         for i in range(RECIPIENTS):
-            row = {"email": _address(i), "name": f"n{i}", "coupon": f"C{i:05d}"}
+            row = {"email": recipient_address(i), "name": f"n{i}", "coupon": f"C{i:05d}"}
             if i == poison_index:
                 del row["coupon"]
             out.write(json.dumps(row) + "\n")
