@@ -131,7 +131,8 @@ def pytest_terminal_summary(terminalreporter: Any) -> None:
     if not harness.ROWS:
         return
     terminalreporter.section("fault scenarios")
-    for line in harness.table(harness.ROWS):
+    # in the order of the scenarios' numbers, whichever module ran them
+    for line in harness.table(sorted(harness.ROWS, key=lambda r: r.scenario.split()[0])):
         terminalreporter.write_line(line)
     terminalreporter.write_line(f"process logs: {LOGS}")
     bad = [r.scenario for r in harness.ROWS if r.lost]

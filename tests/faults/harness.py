@@ -28,7 +28,7 @@ import redis
 from sqlalchemy import func, select
 
 from mailer import db
-from mailer.models import Attempt, Delivery, DeliveryState
+from mailer.models import Attempt, Delivery, DeliveryState, Message
 
 # --- the numbers every scenario shares -----------------------------------------------------------
 
@@ -140,8 +140,10 @@ def compare(
     *,
     expected: Mapping[str, str] | None = None,
     notes: str = "",
+    campaign: int | None = None,
 ) -> Outcome:
-    """Recipient by recipient: the server's copies against the database's final states.
+    """Recipient by recipient: the server's copies against the database's final states (of
+    `campaign`'s deliveries only when given: the outbox holds others that are not sent).
 
     `expected` names recipients whose right outcome is not `sent` (a poison row: `failed`);
     they are judged by that state alone and never counted lost. A delivery held as `unknown`
@@ -157,7 +159,7 @@ def compare(
                 Delivery.last_phase,
                 Delivery.last_code,
                 Delivery.last_reply,
-            )
+            ).select_from(_in(campaign))
         ).all()
     states = {row.recipient.lower(): row.state.value for row in rows}
     last = {
@@ -198,9 +200,21 @@ def compare(
 # --- the database, read by the test --------------------------------------------------------
 
 
-def state_counts() -> dict[str, int]:
+def _in(campaign: int | None) -> Any:
+    """The deliveries a scenario judges: all, or one campaign's."""
+    if campaign is None:
+        return Delivery.__table__
+    return Delivery.__table__.join(
+        Message.__table__,
+        (Message.id == Delivery.message_id) & (Message.campaign_id == campaign),
+    )
+
+
+def state_counts(campaign: int | None = None) -> dict[str, int]:
     with db.session_scope() as session:
-        rows = session.execute(select(Delivery.state, func.count()).group_by(Delivery.state)).all()
+        rows = session.execute(
+            select(Delivery.state, func.count()).select_from(_in(campaign)).group_by(Delivery.state)
+        ).all()
     return {state.value: n for state, n in sorted(rows)}
 
 
@@ -231,20 +245,23 @@ def attempts_by_outcome() -> dict[str, int]:
     return {str(outcome): n for outcome, n in rows}
 
 
-def wait_final(timeout: float = FINAL_TIMEOUT) -> tuple[bool, dict[str, int]]:
-    """Poll until no delivery is queued, sending or deferred; (done, counts per state)."""
+def wait_final(
+    timeout: float = FINAL_TIMEOUT, campaign: int | None = None
+) -> tuple[bool, dict[str, int]]:
+    """Poll until no delivery (of `campaign`, when given) is queued, sending or deferred;
+    (done, counts per state)."""
     deadline = time.monotonic() + timeout
     counts: dict[str, int] = {}
     while time.monotonic() < deadline:
         try:
-            counts = state_counts()
+            counts = state_counts(campaign)
         except Exception as exc:  # the test's own read must not end the wait
             counts = {"(read failed)": 1, str(exc)[:60]: 1}
         else:
             if counts and not any(counts.get(s) for s in NOT_FINAL):
                 return True, counts
         time.sleep(0.5)
-    return False, state_counts()
+    return False, state_counts(campaign)
 
 
 # --- processes -------------------------------------------------------------------------------
@@ -585,12 +602,19 @@ class Rig:
         expected: Mapping[str, str] | None = None,
         notes: str = "",
         timeout: float = FINAL_TIMEOUT,
+        campaign: int | None = None,
     ) -> Outcome:
-        """Wait until every delivery is final, compare, and record the row (also when the
-        wait timed out, so that the table shows the failure); fails on a timeout."""
-        done, counts = wait_final(timeout)
+        """Wait until every delivery (of `campaign`, when given) is final, compare, and record
+        the row (also when the wait timed out, so that the table shows the failure); fails on
+        a timeout."""
+        done, counts = wait_final(timeout, campaign)
         outcome = compare(
-            scenario, self.server.copies(), self.started, expected=expected, notes=notes
+            scenario,
+            self.server.copies(),
+            self.started,
+            expected=expected,
+            notes=notes,
+            campaign=campaign,
         )
         if not done:
             outcome.row.notes = (outcome.row.notes + " TIMEOUT").strip()

@@ -2,6 +2,7 @@
 redis-server, `mailer worker` and `mailer dispatcher` subprocesses, PostgreSQL, the scripted
 SMTP server), a fault in the middle, then the server's stored copies compared with the
 database, recipient by recipient. Each scenario adds a row to the table printed at the end.
+Redis restarted empty (scenarios 4, 4b) is in test_redis_restart.py.
 
 Run alone: .venv/bin/python -m pytest -m faults -s tests/faults
 """
@@ -19,6 +20,12 @@ from sqlalchemy import select
 
 from mailer import db, dispatcher, enqueue, publish, recipients
 from mailer.models import Attempt, Delivery, DeliveryState, Priority
+from tests.faults.campaign import (
+    MIDWAY,
+    assert_mid_campaign,
+    queue_campaign,
+    recipient_address,
+)
 from tests.faults.harness import (
     CHUNK,
     CONCURRENCY,
@@ -35,44 +42,13 @@ from tests.helpers import add_template
 
 pytestmark = pytest.mark.faults
 
-# the fault strikes once the server has stored this many messages: well inside the campaign
-MIDWAY = 600
-
-
-def _address(i: int) -> str:
-    return f"r{i:05d}@example.com"
-
-
-def _campaign(
-    n: int = RECIPIENTS, *, extra: dict[str, dict[str, object]] | None = None
-) -> enqueue.CampaignResult:
-    """The campaign every scenario sends: one template, one row (own context) per recipient;
-    `extra` adds context to some rows (a row with `big` gets a body of `big` 96-byte lines)."""
-    add_template(
-        text=(
-            "Hi {{ name }}, this is {{ email }}.\n"
-            "{% if big is defined %}{% for _ in range(big) %}{{ 'x' * 95 }}\n{% endfor %}"
-            "{% endif %}"
-        )
-    )
-    extra = extra or {}
-    rows = [{"email": _address(i), "name": f"n{i}", **extra.get(_address(i), {})} for i in range(n)]
-    result = enqueue.send_campaign("welcome", rows, name="faults")
-    assert result.queued == n
-    return result
-
-
-def _assert_mid_campaign(rig: Rig, total: int = RECIPIENTS) -> None:
-    stored = len(rig.server.messages)
-    assert stored < total, f"the campaign was over ({stored} stored) before the fault"
-
 
 # --- 0: the control ------------------------------------------------------------------------------
 
 
 def test_control_without_fault(rig: Rig) -> None:
     """The same campaign with no fault: the baseline the other rows compare with."""
-    _campaign()
+    queue_campaign()
     rig.worker()
     rig.dispatcher()
     outcome = rig.finish("0 control (no fault)", notes=f"lease {LEASE} s")
@@ -94,7 +70,7 @@ def test_kill_9_of_a_pool_process(rig: Rig) -> None:
     # nothing `sending`, often found it over, with no room for another)
     total = 3 * RECIPIENTS
     rig.server.reply("DOT", "250 2.0.0 Ok: queued", delay=0.004)
-    _campaign(total)
+    queue_campaign(total)
     worker = rig.worker()
     rig.dispatcher()
     rig.wait_copies(MIDWAY // 2)
@@ -108,7 +84,7 @@ def test_kill_9_of_a_pool_process(rig: Rig) -> None:
         killed_at = time.monotonic()
         kills += 1
         in_flight |= recipients_in("sending")
-        _assert_mid_campaign(rig, total)
+        assert_mid_campaign(rig, total)
         assert wait_until(
             lambda v=victim: len(worker.children()) >= CONCURRENCY and v not in worker.children(),
             20,
@@ -139,13 +115,13 @@ def test_kill_9_of_the_whole_worker(rig: Rig) -> None:
     had reserved stay unacknowledged in Redis (visibility timeout >= 1 h), so their queued
     deliveries come back through the dispatcher's lost-wake-up rule, the claimed ones through
     the lease."""
-    _campaign()
+    queue_campaign()
     worker = rig.worker()
     rig.dispatcher()
     rig.wait_copies(MIDWAY)
     worker.kill_group()
     in_flight = recipients_in("sending")
-    _assert_mid_campaign(rig)
+    assert_mid_campaign(rig)
     time.sleep(1)
     rig.worker()
 
@@ -167,13 +143,13 @@ def test_kill_9_of_the_whole_worker(rig: Rig) -> None:
 def test_sigterm_warm_shutdown_and_restart(rig: Rig) -> None:
     """SIGTERM: the worker finishes the chunks it runs, records them, QUITs its SMTP sessions
     and exits; a restarted worker does the rest. Nothing lost, nothing twice."""
-    _campaign()
+    queue_campaign()
     worker = rig.worker()
     rig.dispatcher()
     rig.wait_copies(MIDWAY)
     status = worker.terminate(timeout=60)
     assert status is not None, f"the worker did not stop within 60 s of SIGTERM\n{worker.tail()}"
-    _assert_mid_campaign(rig)
+    assert_mid_campaign(rig)
     stopped = {
         "connections": rig.server.connections,
         "quits": rig.server.quits,
@@ -199,30 +175,6 @@ def test_sigterm_warm_shutdown_and_restart(rig: Rig) -> None:
     )
 
 
-# --- 4: Redis restarted without persistence ----------------------------------------------------
-
-
-def test_redis_restart_loses_the_queue(rig: Rig) -> None:
-    """Redis is killed and restarted empty: every queued wake-up is gone. The dispatcher sees
-    the empty queue and republishes the queued deliveries older than MAILER_REPUBLISH_AFTER."""
-    _campaign()
-    rig.worker()
-    rig.dispatcher()
-    rig.wait_copies(MIDWAY)
-    backlog_before = rig.redis.queued()
-    rig.redis.kill()
-    _assert_mid_campaign(rig)
-    time.sleep(1)
-    rig.redis.start()
-    assert rig.redis.queued() == 0
-
-    outcome = rig.finish(
-        "4 Redis restart (queue lost)", notes=f"{backlog_before} tasks queued at the kill"
-    )
-    assert outcome.row.lost == 0, outcome.explain()
-    assert outcome.row.duplicated == 0, outcome.explain()
-
-
 # --- 5: the database unreachable -----------------------------------------------------------------
 
 
@@ -235,7 +187,7 @@ def test_database_unreachable_for_15_seconds(rig: Rig, pg_db: str) -> None:
     Afterwards the dispatchers must still be there, one of them active."""
     proxy, through_proxy = rig.db_proxy(pg_db)
     env = {"MAILER_DATABASE_URL": through_proxy}
-    _campaign()
+    queue_campaign()
     # the dispatchers settle first: the worker is quick enough to finish while they start
     active = rig.dispatcher(env=env)
     assert wait_until(lambda: active.grep("dispatcher active"), 15), active.tail()
@@ -244,7 +196,7 @@ def test_database_unreachable_for_15_seconds(rig: Rig, pg_db: str) -> None:
     worker = rig.worker(env=env)
     rig.wait_copies(MIDWAY)
     proxy.outage()
-    _assert_mid_campaign(rig)
+    assert_mid_campaign(rig)
     stored_at_cut = len(rig.server.messages)
     time.sleep(15)
     stored_during = len(rig.server.messages) - stored_at_cut
@@ -288,7 +240,7 @@ def test_database_unreachable_for_15_seconds(rig: Rig, pg_db: str) -> None:
 def test_smtp_server_down_then_back(rig: Rig) -> None:
     """The relay stops answering for 8 s (connections refused), then comes back on its port:
     deliveries are deferred while the relay rests (no attempt spent), then all delivered once."""
-    _campaign()
+    queue_campaign()
     rig.worker()
     rig.dispatcher()
     rig.wait_copies(MIDWAY)
@@ -303,7 +255,7 @@ def test_smtp_server_down_then_back(rig: Rig) -> None:
     time.sleep(0.5)
     rig.server.stop()
     rig.server.clear()
-    _assert_mid_campaign(rig)
+    assert_mid_campaign(rig)
     time.sleep(8)
     during = state_counts()
     rig.server.start()
@@ -337,7 +289,7 @@ def test_connection_dropped_at_each_phase(rig: Rig, policy: str) -> None:
     rig.configure(ambiguous=policy)
     picked: dict[str, list[str]] = {}
     step = RECIPIENTS // (PER_PHASE * 4 + 1)
-    addresses = iter(_address(i) for i in range(step, RECIPIENTS, step))
+    addresses = iter(recipient_address(i) for i in range(step, RECIPIENTS, step))
     for phase in (*PRE_DOT, "after_dot"):
         picked[phase] = [next(addresses) for _ in range(PER_PHASE)]
         for address in picked[phase]:
@@ -349,7 +301,7 @@ def test_connection_dropped_at_each_phase(rig: Rig, policy: str) -> None:
     # that drop from one after "." (it reads no reply to "."): it is ambiguous. A 9.6 MB body,
     # more than the loopback buffers hold (tcp_wmem max 4 MB), makes the drop land while the
     # client is still writing: a drop before ".", which must be retried.
-    _campaign(extra={address: {"big": 100_000} for address in picked["body"]})  # 9.6 MB
+    queue_campaign(extra={address: {"big": 100_000} for address in picked["body"]})  # 9.6 MB
     rig.worker()
     rig.dispatcher()
 
@@ -402,10 +354,10 @@ def test_every_chunk_published_three_times_and_two_dispatchers(rig: Rig) -> None
     a third, lock-less dispatcher loop (run_once) runs in this process; some recipients are
     deferred once (451) so the dispatchers have retries to publish. The compare-and-set claim
     must make every message go out once."""
-    busy = [_address(i) for i in range(7, RECIPIENTS, 50)]
+    busy = [recipient_address(i) for i in range(7, RECIPIENTS, 50)]
     for address in busy:
         rig.server.reply("RCPT", "451 4.3.0 Mailbox busy, try again", recipient=address, times=1)
-    _campaign()
+    queue_campaign()
     with db.session_scope() as session:
         ids = list(session.scalars(select(Delivery.id).order_by(Delivery.id)))
     for _ in range(2):
@@ -453,11 +405,11 @@ def test_poison_row_fails_alone(rig: Rig, tmp_path: Path) -> None:
         text="Hi {{ name }}, your coupon is {{ coupon }}.\n",
     )
     poison_index = 1234
-    poison = _address(poison_index)
+    poison = recipient_address(poison_index)
     path = tmp_path / "recipients.jsonl"
     with path.open("w") as out:
         for i in range(RECIPIENTS):
-            row = {"email": _address(i), "name": f"n{i}", "coupon": f"C{i:05d}"}
+            row = {"email": recipient_address(i), "name": f"n{i}", "coupon": f"C{i:05d}"}
             if i == poison_index:
                 del row["coupon"]
             out.write(json.dumps(row) + "\n")
