@@ -60,7 +60,7 @@ class Plan:
 def plan(n: int) -> Plan:
     """n deliveries: CAMPAIGN_SHARE of them in campaigns of uneven sizes (a fifth to nearly
     twice MEAN_CAMPAIGN) sent at even intervals over DAYS days, the rest transactional."""
-    in_campaigns = int(n * CAMPAIGN_SHARE)
+    in_campaigns = max(1, int(n * CAMPAIGN_SHARE))
     count = max(1, round(in_campaigns / MEAN_CAMPAIGN))
     weights = [0.2 + 1.6 * ((c * 0.6180339887) % 1.0) for c in range(count)]
     scale = in_campaigns / sum(weights)

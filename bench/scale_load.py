@@ -225,7 +225,7 @@ def insert_campaign(  # noqa: PLR0913 (the campaign's shape, each a plain value)
         "t + g * interval '2 ms' "
         f"FROM (SELECT g, k, {sd.domain_sql('k')} AS dom, {sd.local_part_sql('k')} AS local, "
         f"{st}::text AS st, %(t)s::timestamptz AS t "
-        f"FROM (SELECT g, {k} AS k FROM generate_series(0, %(n)s - 1) g) a) b",
+        f"FROM (SELECT g, {k} AS k FROM generate_series(0, %(n)s::bigint - 1) g) a) b",
         {"m": message_id, "t": when, "n": size},
     )
     return campaign_id, message_id
@@ -275,10 +275,10 @@ def insert_transactional(  # noqa: PLR0913 (the batch's place in the plan)
     conn.execute(
         "INSERT INTO messages (id, campaign_id, template_id, from_addr, context, headers, "
         "token, idempotency_key, priority, send_at, expires_at, created_at) "
-        "SELECT %(base)s + g, NULL, %(tpl)s, 'orders@shop.example.com', jsonb_build_object("
+        "SELECT %(base)s::bigint + g, NULL, %(tpl)s, 'orders@shop.example.com', jsonb_build_object("
         "'link', 'https://shop.example.com/o/' || md5(g::text)), '{}', md5('t' || g), "
         "'order-' || g, 'transactional', NULL, NULL, %(start)s::timestamptz + g * %(step)s "
-        "FROM generate_series(%(a)s, %(a)s + %(n)s - 1) g",
+        "FROM generate_series(%(a)s::bigint, %(a)s::bigint + %(n)s::bigint - 1) g",
         args,
     )
     k = sd.hashed("g", p.population)
@@ -287,12 +287,14 @@ def insert_transactional(  # noqa: PLR0913 (the batch's place in the plan)
         "INSERT INTO deliveries (message_id, recipient, domain, context, state, attempts, "
         "next_attempt_at, lease_until, published_at, last_phase, last_code, last_enhanced, "
         "last_reply, created_at, updated_at) "
-        f"SELECT %(base)s + g, local || '@' || dom, dom, NULL, st, {sd.attempts_sql(key, 'st')}, "
+        "SELECT %(base)s::bigint + g, local || '@' || dom, dom, NULL, st, "
+        f"{sd.attempts_sql(key, 'st')}, "
         f"t, NULL, t, {sd.reply_sql('st', 0)}, {sd.reply_sql('st', 1)}, "
         f"{sd.reply_sql('st', 2)}, {sd.reply_sql('st', 3)}, t, t + interval '1 second' "
         f"FROM (SELECT g, {sd.domain_sql('k')} AS dom, {sd.local_part_sql('k')} AS local, "
         f"{sd.state_sql(key)}::text AS st, %(start)s::timestamptz + g * %(step)s AS t "
-        f"FROM (SELECT g, {k} AS k FROM generate_series(%(a)s, %(a)s + %(n)s - 1) g) a) b",
+        f"FROM (SELECT g, {k} AS k FROM generate_series(%(a)s::bigint, "
+        "%(a)s::bigint + %(n)s::bigint - 1) g) a) b",
         args,
     )
     ids.message += count
