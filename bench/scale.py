@@ -26,6 +26,7 @@ from typing import Any
 import infra
 import scale_cases as cases
 import scale_load
+import scale_pglog
 import scale_report
 from infra import BENCH, PROCS, BenchError
 from machine import machine_info, pg_probe
@@ -110,6 +111,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=900.0,
         help="seconds after which a case is reported stalled",
     )
+    p.add_argument(
+        "--command-timeout",
+        type=float,
+        default=180.0,
+        help="seconds after which one command (status, report, retry, import) is stalled",
+    )
     p.add_argument("--poll", type=float, default=0.5, help="seconds between outbox polls")
     p.add_argument(
         "--stall-timeout",
@@ -117,6 +124,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=120.0,
         help="a drain with no progress this long is stalled",
     )
+    p.add_argument(
+        "--log-slow",
+        type=int,
+        default=200,
+        metavar="MS",
+        help="mailer's statements slower than this go to the server log; each case reports "
+        "its slowest (0: off)",
+    )
+    p.add_argument("--pg-log", help="the server log (default: newest in /var/log/postgresql)")
     p.add_argument("--json", default=str(BENCH / "results" / "scale-latest.json"))
     args = p.parse_args(argv)
     selected = args.only.split(",") if args.only else list(CASES)
@@ -157,6 +173,8 @@ def prepare_history(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
 def run_case(name: str, side: cases.Side) -> dict[str, Any]:
     """One case on one outbox; an error or a stall is its result, not the run's end."""
     say(f"{name} on the {side.name} outbox ...")
+    slow = scale_pglog.SlowLog(scale_pglog.find_log(side.args.pg_log))
+    slow.mark()
     t = time.monotonic()
     try:
         result = CASES[name](side)
@@ -165,6 +183,14 @@ def run_case(name: str, side: cases.Side) -> dict[str, Any]:
     except Exception as exc:  # a database error inside a case: reported, the run goes on
         result = {"error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc()}
     result["case_s"] = time.monotonic() - t
+    try:
+        left = side.orphans()
+    except Exception as exc:  # the database itself is the problem: say so, go on
+        left = [{"error": str(exc)}]
+    if left:
+        result.setdefault("left_running", []).extend(left)
+    if side.args.log_slow:
+        result["slow_statements"] = slow.slowest()
     brief = {k: v for k, v in result.items() if isinstance(v, int | float | str)}
     say(f"  {name} ({side.name}): {json.dumps(brief, default=str)[:400]}")
     return result

@@ -37,7 +37,23 @@ class Side:
 
     @property
     def url(self) -> str:
-        return scale_load.schema_url(self.pg_url, self.schema)
+        return scale_load.schema_url(self.pg_url, self.schema, self.args.log_slow, self.app)
+
+    @property
+    def app(self) -> str:
+        """The application_name of mailer's connections to this outbox."""
+        return f"mailer-scale-{self.name}"
+
+    def orphans(self) -> list[dict[str, Any]]:
+        """Statements of this outbox's mailer processes still running on the server once the
+        case has stopped them all (a client killed mid-statement): cancelled, and listed."""
+        rows = self.sql(
+            "SELECT pid, extract(epoch FROM now() - query_start), left(query, 300), "
+            "pg_cancel_backend(pid) FROM pg_stat_activity WHERE application_name = %s "
+            "AND state = 'active' AND backend_type = 'client backend'",
+            self.app,
+        )
+        return [{"pid": r[0], "running_s": float(r[1]), "statement": r[2]} for r in rows]
 
     def dir(self, case: str) -> Path:
         path = self.workdir / f"{self.name}-{case}"
@@ -117,12 +133,12 @@ def timed_process(
 
 def mailer_cli(side: Side, d: Path, label: str, *words: str) -> dict[str, Any]:
     argv = [PYTHON, "-m", "mailer", *words]
-    return timed_process(argv, side.env(), d, label, side.args.case_timeout)
+    return timed_process(argv, side.env(), d, label, side.args.command_timeout)
 
 
 def helper(side: Side, d: Path, cmd: str, ident: int, **env: str) -> dict[str, Any]:
     argv = [PYTHON, str(BENCH / "scale_helper.py"), cmd, str(ident)]
-    return run_json(argv, side.env(**env), d / f"helper-{cmd}.log", side.args.case_timeout)
+    return run_json(argv, side.env(**env), d / f"helper-{cmd}.log", side.args.command_timeout)
 
 
 # --- a: a campaign drained by a worker -------------------------------------------------------
@@ -188,7 +204,12 @@ def case_read_side(side: Side) -> dict[str, Any]:
     out["report_rows"] = lines - 1
     out["status_peak_rss_mb"] = status["peak_rss_mb"]  # the same process with no rows to hold
     report["out"].unlink()
-    retry = mailer_cli(side, d, "retry", "retry", "--campaign", str(cid), "--dry-run")
+    try:
+        retry = mailer_cli(side, d, "retry", "retry", "--campaign", str(cid), "--dry-run")
+    except BenchError as exc:  # the figures so far stand; the stall is this row's result
+        out["retry_error"] = str(exc)
+        out["left_running"] = side.orphans()
+        return out
     out["retry_cli_s"] = retry["seconds"]
     out["retry_said"] = retry["out"].read_text().strip()
     out["retry_call"] = _call(side, d, "retry", cid)

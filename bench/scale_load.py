@@ -28,10 +28,14 @@ def conninfo(url: str) -> str:
     return "postgresql://" + rest if scheme.startswith("postgresql") else url
 
 
-def schema_url(pg_url: str, schema: str) -> str:
-    """The SQLAlchemy URL that uses `schema` (as bench/session.py's fresh_schema writes it)."""
+def schema_url(pg_url: str, schema: str, slow_ms: int | None = None, app: str = "") -> str:
+    """The SQLAlchemy URL that uses `schema` (as bench/session.py's fresh_schema writes it),
+    logging its statements slower than `slow_ms` in the server log if given, its connections
+    named `app` (in pg_stat_activity) if given."""
     sep = "&" if "?" in pg_url else "?"
-    return f"{pg_url}{sep}options=-csearch_path%3D{schema}"
+    slow = f"%20-clog_min_duration_statement%3D{slow_ms}" if slow_ms else ""
+    name = f"&application_name={app}" if app else ""
+    return f"{pg_url}{sep}options=-csearch_path%3D{schema}{slow}{name}"
 
 
 def connect(pg_url: str, schema: str) -> psycopg.Connection[Any]:

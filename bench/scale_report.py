@@ -18,6 +18,7 @@ class Row:
     unit: str
     # target: ("ratio>=", 0.9) compares history/empty; ("<=", x) the history's figure
     target: tuple[str, float] | None = None
+    error_key: str = "error"  # where the case puts this row's failure
 
 
 def _dig(*path: str) -> Getter:
@@ -57,8 +58,8 @@ ROWS = (
     Row("report --format csv, {big}", "read", _dig("report_s"), "s", ("<=", 20.0)),
     Row("  its peak RSS", "read", _dig("report_peak_rss_mb"), "MB"),
     Row("  status's peak RSS (no rows)", "read", _dig("status_peak_rss_mb"), "MB"),
-    Row("retry --dry-run (call)", "read", _ms("retry_call", "first_s"), "ms"),
-    Row("retry --dry-run (command)", "read", _dig("retry_cli_s"), "s"),
+    Row("retry --dry-run (command)", "read", _dig("retry_cli_s"), "s", None, "retry_error"),
+    Row("  (call)", "read", _ms("retry_call", "first_s"), "ms", None, "retry_error"),
     Row("suppress import, {big}", "suppress", _dig("seconds"), "s"),
 )
 
@@ -111,7 +112,8 @@ def table(
         empty = _value(row, results.get("empty"), "empty" in sides)
         history = _value(row, results.get("history"), "history" in sides)
         judged, met = _judge(row, empty, history)
-        errors = [f"{s}: {results[s]['error']}" for s in sides if "error" in results.get(s, {})]
+        key = row.error_key
+        errors = [f"{s}: {results[s][key]}" for s in sides if key in results.get(s, {})]
         if errors and history is None:
             met = (
                 "STALLED" if any("stalled" in e or "not drained" in e for e in errors) else "ERROR"
@@ -143,6 +145,9 @@ def errors(cases: dict[str, dict[str, Any]]) -> list[str]:
     out = []
     for case, sides in cases.items():
         for side, result in sides.items():
-            if "error" in result:
-                out.append(f"{case} ({side}): {result['error']}")
+            for key in ("error", "retry_error"):
+                if key in result:
+                    out.append(f"{case} ({side}): {result[key]}")
+            for left in result.get("left_running", []):
+                out.append(f"{case} ({side}): left running on the server: {left}")
     return out
