@@ -30,10 +30,17 @@ def conninfo(url: str) -> str:
 
 def schema_url(pg_url: str, schema: str, slow_ms: int | None = None, app: str = "") -> str:
     """The SQLAlchemy URL that uses `schema` (as bench/session.py's fresh_schema writes it),
-    logging its statements slower than `slow_ms` in the server log if given, its connections
+    logging its statements slower than `slow_ms`, with their plans, in the server log if
+    given, its connections
     named `app` (in pg_stat_activity) if given."""
     sep = "&" if "?" in pg_url else "?"
-    slow = f"%20-clog_min_duration_statement%3D{slow_ms}" if slow_ms else ""
+    # auto_explain logs each slow statement with its plan (a superuser's startup options may
+    # load it for their own session)
+    slow = (
+        f"%20-csession_preload_libraries%3Dauto_explain%20-cauto_explain.log_min_duration%3D{slow_ms}"
+        if slow_ms
+        else ""
+    )
     name = f"&application_name={app}" if app else ""
     return f"{pg_url}{sep}options=-csearch_path%3D{schema}{slow}{name}"
 

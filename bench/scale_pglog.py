@@ -1,6 +1,6 @@
-"""The slow statements of a case, from PostgreSQL's server log: mailer's processes run with
-log_min_duration_statement set on their own connections (--log-slow), and each case keeps
-the slowest lines the log gained while it ran."""
+"""The slow statements of a case, from PostgreSQL's server log: mailer's processes load
+auto_explain on their own connections (--log-slow), and each case keeps the slowest
+statements, with their plans, that the log gained while it ran."""
 
 from __future__ import annotations
 
@@ -31,17 +31,25 @@ class SlowLog:
         if self.path is not None:
             self.offset = self.path.stat().st_size
 
-    def slowest(self, top: int = 8, width: int = 400) -> list[dict[str, object]]:
-        """The `top` slowest statements logged since mark(), slowest first."""
+    def slowest(self, top: int = 8, width: int = 3000) -> list[dict[str, object]]:
+        """The `top` slowest statements logged since mark(), slowest first, each with its
+        plan (an entry's continuation lines are indented)."""
         if self.path is None:
             return []
         with self.path.open("rb") as f:
             f.seek(self.offset)
             text = f.read().decode(errors="replace")
-        found = []
+        entries: list[list[str]] = []
         for line in text.splitlines():
-            match = DURATION.search(line)
+            if line[:1] in ("\t", " ") and entries:
+                entries[-1].append(line.strip("\t"))
+            else:
+                entries.append([line])
+        found = []
+        for entry in entries:
+            match = DURATION.search(entry[0])
             if match:
-                found.append({"ms": float(match.group(1)), "statement": match.group(2)[:width]})
+                body = "\n".join([match.group(2), *entry[1:]])
+                found.append({"ms": float(match.group(1)), "statement": body[:width]})
         found.sort(key=lambda s: -float(str(s["ms"])))
         return found[:top]

@@ -94,3 +94,26 @@ def test_sql_pieces_on_postgresql(postgres_url: str | None) -> None:
     assert abs(tail / n - 0.20) < 0.02
     assert bad == 0
     assert (least, most) == (0, 4)
+
+
+def test_slow_log_keeps_each_statement_with_its_plan(tmp_path: Path) -> None:
+    import scale_pglog
+
+    log = tmp_path / "pg.log"
+    log.write_text("2026-12-07 20:00:00.000 UTC [1] LOG:  duration: 5.0 ms  plan:\n\tbefore\n")
+    slow = scale_pglog.SlowLog(log)
+    slow.mark()
+    with log.open("a") as f:
+        f.write(
+            "2026-12-07 20:00:01.000 UTC [2] postgres@test LOG:  duration: 12.5 ms  plan:\n"
+            "\tQuery Text: SELECT 1\n\tResult  (cost=0.00..0.01 rows=1 width=4)\n"
+            "2026-12-07 20:00:02.000 UTC [3] LOG:  checkpoint starting: wal\n"
+            "2026-12-07 20:00:03.000 UTC [2] postgres@test LOG:  duration: 99.0 ms  plan:\n"
+            "\tQuery Text: SELECT 2\n"
+        )
+    found = slow.slowest()
+    assert [s["ms"] for s in found] == [99.0, 12.5]
+    assert found[1]["statement"] == (
+        "plan:\nQuery Text: SELECT 1\nResult  (cost=0.00..0.01 rows=1 width=4)"
+    )
+    assert scale_pglog.SlowLog(tmp_path / "absent.log").slowest() == []
