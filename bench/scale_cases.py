@@ -47,12 +47,17 @@ class Side:
     def orphans(self) -> list[dict[str, Any]]:
         """Statements of this outbox's mailer processes still running on the server once the
         case has stopped them all (a client killed mid-statement): cancelled, and listed."""
+        active = (
+            "FROM pg_stat_activity WHERE application_name = %s AND state = 'active' "
+            "AND backend_type = 'client backend'"
+        )
         rows = self.sql(
             "SELECT pid, extract(epoch FROM now() - query_start), left(query, 300), "
-            "pg_cancel_backend(pid) FROM pg_stat_activity WHERE application_name = %s "
-            "AND state = 'active' AND backend_type = 'client backend'",
+            f"pg_cancel_backend(pid) {active}",
             self.app,
         )
+        # a cancel is asynchronous: wait for it, so that the next case starts clean
+        infra.wait_for(lambda: not self.sql(f"SELECT 1 {active}", self.app), 10, 0.2)
         return [{"pid": r[0], "running_s": float(r[1]), "statement": r[2]} for r in rows]
 
     def dir(self, case: str) -> Path:
