@@ -82,7 +82,8 @@ def retry(campaign_id: int) -> dict[str, Any]:
     def call() -> int:
         with db.session_scope() as session:
             selection = queries.Selection(campaign_id, None, states, None, None)
-            return outcomes.retry_candidates(session, selection.ids(), include_suppressed=False)
+            ids = selection.ids()
+            return int(outcomes.retry_candidates(session, ids, include_suppressed=False))
 
     return _timed(call)
 

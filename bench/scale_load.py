@@ -15,6 +15,7 @@ from typing import Any
 import psycopg
 import scale_data as sd
 from infra import PYTHON, ROOT, BenchError
+from psycopg.types.json import Jsonb
 
 Say = Callable[[str], None]
 TABLES = ("attempts", "suppressions", "deliveries", "messages", "campaigns", "templates")
@@ -144,7 +145,7 @@ def load_history(pg_url: str, schema: str, n: int, log: Path, say: Say) -> dict[
         marks["load"] = timings
         marks["sizes"] = table_sizes(conn)
         conn.execute("CREATE TABLE scale_history (marks jsonb NOT NULL)")
-        conn.execute("INSERT INTO scale_history VALUES (%s)", [psycopg.types.json.Jsonb(marks)])
+        conn.execute("INSERT INTO scale_history VALUES (%s)", [Jsonb(marks)])
     return marks
 
 
@@ -281,8 +282,8 @@ def insert_transactional(  # noqa: PLR0913 (the batch's place in the plan)
 ) -> None:
     """Transactional deliveries first..first+count-1 of the plan, one message each."""
     step = timedelta(days=sd.DAYS) / max(p.transactional, 1)
-    args = {"base": ids.message - first, "a": first, "n": count, "tpl": template}
-    args.update(start=start, step=step)
+    args: dict[str, Any] = {"base": ids.message - first, "a": first, "n": count}
+    args.update(tpl=template, start=start, step=step)
     conn.execute(
         "INSERT INTO messages (id, campaign_id, template_id, from_addr, context, headers, "
         "token, idempotency_key, priority, send_at, expires_at, created_at) "
