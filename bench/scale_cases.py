@@ -88,6 +88,7 @@ class Side:
         """A synthetic campaign of `size` deliveries (all in `state`, or final by the
         history's shares); returns its campaign id (its message id is message_of())."""
         with scale_load.connect(self.pg_url, self.schema) as conn:
+            conn.execute(f"SET statement_timeout = {int(self.args.case_timeout * 1000)}")
             row = conn.execute("SELECT max(id) FROM templates").fetchone()
             template = int(row[0]) if row and row[0] else _template(conn)
             campaign_id, _ = scale_load.insert_campaign(
