@@ -108,7 +108,9 @@ def table(
     lines = [header, "-" * len(header)]
     rows = []
     for row in ROWS:
-        results = cases.get(row.case, {})
+        if row.case not in cases:  # not run (--only)
+            continue
+        results = cases[row.case]
         empty = _value(row, results.get("empty"), "empty" in sides)
         history = _value(row, results.get("history"), "history" in sides)
         judged, met = _judge(row, empty, history)
