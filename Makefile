@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: demo test faults slow bench lint clean
+.PHONY: demo test faults slow bench scale lint clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -26,6 +26,9 @@ slow: $(STAMP)  ## long measurements: a million-row campaign's enqueue time and 
 
 bench: $(STAMP)  ## side-by-side throughput benchmark; writes bench/results/latest.json
 	$(PY) bench/run.py
+
+scale: $(STAMP)  ## mailer on 10M deliveries of history vs an empty outbox (not in CI); ARGS="--help"
+	$(PY) bench/scale.py $(ARGS)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
