@@ -266,10 +266,15 @@ def held(until: datetime, now: datetime) -> tuple[DeliveryState, datetime]:
     return S.DEFERRED, max(until, now)
 
 
-def expire(session: Session, now: datetime) -> int:
-    """Close what can no longer go out: past its message's expires_at. (Age against the retry
-    policy is judged when a try fails, so that the last try happens at the maximum age.)"""
-    message_expired = select(Message.id).where(Message.expires_at <= now)
+def expire(session: Session, now: datetime, *, since: datetime) -> int:
+    """Close what can no longer go out: past its message's expires_at, for the messages that
+    expired from `since` on. Older ones were closed by earlier passes, and a claim closes any
+    left (unsendable), so the pass reads what expired lately, not the whole history. (Age
+    against the retry policy is judged when a try fails, so that the last try happens at the
+    maximum age.)"""
+    message_expired = select(Message.id).where(
+        Message.expires_at <= now, Message.expires_at > since
+    )
     result: Any = session.execute(
         update(Delivery)
         .where(

@@ -182,6 +182,30 @@ def test_send_at_and_expires_at(any_db, configure_env) -> None:
     assert [r for r, _ in transport.sent] == ["later@example.com"]
 
 
+def test_the_expiry_pass_reads_what_expired_lately_and_the_claim_closes_the_rest(
+    any_db, configure_env
+) -> None:
+    configure_env(retry_max_age=3600)
+    add_template()
+    transport = MemoryTransport()
+    fake = clock.FakeClock()
+    with clock.using(fake):
+        now = fake()
+        mailer.send(
+            template="welcome",
+            to="long-ago@example.com",
+            context={"name": "x"},
+            send_at=now + timedelta(minutes=1),
+            expires_at=now + timedelta(minutes=2),
+        )
+        fake.advance(2 * 3600)  # the dispatcher was away for longer than the retry max age
+        report = dispatcher.run_once(backlog=0)
+        assert report.expired == 0  # out of the pass's window: it reads no older history
+        deliver_chunk(_ids(), transport=transport)  # the claim closes it all the same
+    assert states() == {"long-ago@example.com": "expired"}
+    assert transport.sent == []
+
+
 def test_cancel_and_pause(sqlite_db) -> None:
     add_template()
     result = mailer.send_campaign(
