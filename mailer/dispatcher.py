@@ -46,7 +46,9 @@ def run_once(settings: Settings | None = None, *, backlog: int | None = -1) -> P
     now = clock.now()
     report = PassReport()
     with db.session_scope() as session:
-        report.expired = outcomes.expire(session, now)
+        # a message that expired longer ago than the retry policy's age was closed by then
+        since = now - timedelta(seconds=s.retry.max_age)
+        report.expired = outcomes.expire(session, now, since=since)
         block = relay_health.block(session, s.smtp.name, now)
         if block is not None:
             report.relay_blocked = f"relay {s.smtp.name} {block.why}"

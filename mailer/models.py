@@ -136,6 +136,15 @@ class Message(Base):
     """
 
     __tablename__ = "messages"
+    __table_args__ = (
+        # the dispatcher's expiry pass starts from the messages that expired lately (0005)
+        Index(
+            "ix_messages_expires_at",
+            "expires_at",
+            postgresql_where=text("expires_at IS NOT NULL"),
+            sqlite_where=text("expires_at IS NOT NULL"),
+        ),
+    )
 
     id: Mapped[int] = mapped_column(BigId, primary_key=True)
     campaign_id: Mapped[int | None] = mapped_column(ForeignKey("campaigns.id"), index=True)

@@ -14,7 +14,7 @@ from collections.abc import Iterable, Sequence
 from datetime import datetime, timedelta
 from typing import Any, NamedTuple
 
-from sqlalchemy import Select, and_, bindparam, delete, func, or_, select, update
+from sqlalchemy import Select, and_, bindparam, delete, exists, func, or_, select, update
 from sqlalchemy.orm import Session
 
 from mailer import backoff, bulk, relay_health, suppressions
@@ -266,10 +266,15 @@ def held(until: datetime, now: datetime) -> tuple[DeliveryState, datetime]:
     return S.DEFERRED, max(until, now)
 
 
-def expire(session: Session, now: datetime) -> int:
-    """Close what can no longer go out: past its message's expires_at. (Age against the retry
-    policy is judged when a try fails, so that the last try happens at the maximum age.)"""
-    message_expired = select(Message.id).where(Message.expires_at <= now)
+def expire(session: Session, now: datetime, *, since: datetime) -> int:
+    """Close what can no longer go out: past its message's expires_at, for the messages that
+    expired from `since` on. Older ones were closed by earlier passes, and a claim closes any
+    left (unsendable), so the pass reads what expired lately, not the whole history. (Age
+    against the retry policy is judged when a try fails, so that the last try happens at the
+    maximum age.)"""
+    message_expired = select(Message.id).where(
+        Message.expires_at <= now, Message.expires_at > since
+    )
     result: Any = session.execute(
         update(Delivery)
         .where(
@@ -375,10 +380,10 @@ def _retryable(ids: Select[Any], include_suppressed: bool) -> Select[Any]:
     selected = ids.where(Delivery.state.in_(_RETRYABLE))
     if include_suppressed:
         return selected
-    listed = select(Suppression.address)
-    return selected.where(
-        Delivery.state != S.SUPPRESSED, func.lower(Delivery.recipient).not_in(listed)
-    )
+    # NOT EXISTS, not NOT IN: a NOT IN over a list bigger than work_mem checks each candidate
+    # against the whole list in turn; this looks each one up in the list's unique index
+    listed = exists().where(Suppression.address == func.lower(Delivery.recipient))
+    return selected.where(Delivery.state != S.SUPPRESSED, ~listed)
 
 
 def cancel(session: Session, ids: Select[Any], now: datetime) -> int:

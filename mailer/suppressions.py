@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import functools
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from datetime import datetime
 from typing import Any
 
 from sqlalchemy import Select, delete, select
 from sqlalchemy.orm import Session
 
-from mailer import addresses, bulk, db
+from mailer import addresses, bulk
+from mailer.errors import InputError, MailerError
 from mailer.models import Suppression
+
+_IMPORT_BATCH = 10_000
 
 Entry = tuple[str, str, int | None]  # address, reason, source delivery
 
@@ -24,16 +27,34 @@ def add(session: Session, entries: Iterable[Entry], now: datetime) -> int:
     ]
     if not rows:
         return 0
-    stmt = db.dialect_insert(session)(Suppression).on_conflict_do_nothing(
-        index_elements=["address"]
-    )
-    return max(session.connection().execute(stmt, rows).rowcount, 0)
+    # one statement a batch, counted by the database (an executemany's rowcount is not)
+    return bulk.insert_rows(session, Suppression, rows, ignore_conflicts=True)
 
 
 def add_checked(session: Session, raw: Iterable[str], reason: str, now: datetime) -> int:
     """Validate each address first: an invalid one raises before anything is written."""
     checked = [(addresses.parse(a).key, reason, None) for a in raw]
     return add(session, checked, now)
+
+
+def import_rows(
+    session: Session, rows: Iterable[tuple[int, Mapping[str, Any]]], reason: str, now: datetime
+) -> tuple[int, int]:
+    """Add numbered rows with an 'email' (and an optional 'reason'), in batches within the
+    caller's transaction, so that memory stays flat and an invalid address (InputError naming
+    its line) leaves nothing written. Returns how many were read and how many were new."""
+    read = added = 0
+    batch: list[Entry] = []
+    for line, row in rows:
+        try:
+            key = addresses.parse(str(row["email"])).key
+        except MailerError as exc:
+            raise InputError(f"line {line}: {exc}") from None
+        batch.append((key, row.get("reason") or reason, None))
+        if len(batch) == _IMPORT_BATCH:
+            added += add(session, batch, now)
+            read, batch = read + len(batch), []
+    return read + len(batch), added + add(session, batch, now)
 
 
 def remove(session: Session, raw: Iterable[str]) -> int:

@@ -161,7 +161,7 @@ def dispatcher_pass(scene: Scene, *, due: bool) -> Callable[[Session], Any]:
     def work(session: Session) -> None:
         when = scene.now + timedelta(hours=2 if due else 0)
         settings = load()
-        outcomes.expire(session, when)
+        outcomes.expire(session, when, since=when - timedelta(days=4))
         relay_health.block(session, settings.smtp.name, when)
         for priority in Priority:
             ids = dispatcher.due(session, settings, when, priority, queue_empty=True)

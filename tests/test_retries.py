@@ -182,6 +182,30 @@ def test_send_at_and_expires_at(any_db, configure_env) -> None:
     assert [r for r, _ in transport.sent] == ["later@example.com"]
 
 
+def test_the_expiry_pass_reads_what_expired_lately_and_the_claim_closes_the_rest(
+    any_db, configure_env
+) -> None:
+    configure_env(retry_max_age=3600)
+    add_template()
+    transport = MemoryTransport()
+    fake = clock.FakeClock()
+    with clock.using(fake):
+        now = fake()
+        mailer.send(
+            template="welcome",
+            to="long-ago@example.com",
+            context={"name": "x"},
+            send_at=now + timedelta(minutes=1),
+            expires_at=now + timedelta(minutes=2),
+        )
+        fake.advance(2 * 3600)  # the dispatcher was away for longer than the retry max age
+        report = dispatcher.run_once(backlog=0)
+        assert report.expired == 0  # out of the pass's window: it reads no older history
+        deliver_chunk(_ids(), transport=transport)  # the claim closes it all the same
+    assert states() == {"long-ago@example.com": "expired"}
+    assert transport.sent == []
+
+
 def test_cancel_and_pause(sqlite_db) -> None:
     add_template()
     result = mailer.send_campaign(
@@ -227,3 +251,20 @@ def test_unknown_is_neither_cancelled_nor_expired(sqlite_db, configure_env) -> N
         fake.advance(600)
         assert dispatcher.run_once(backlog=0).expired == 0
     assert states() == {"a@example.com": "unknown"}  # it may have been delivered: kept as is
+
+
+def test_suppression_import_counts_what_it_added_and_refuses_a_bad_file_whole(
+    any_db, tmp_path
+) -> None:
+    runner = CliRunner()
+    assert "1 added" in runner.invoke(cli, ["suppress", "add", "old@example.com"]).output
+    good = tmp_path / "list.csv"
+    good.write_text("email\nOld@example.com\nnew1@example.com\nnew2@example.com\n")
+    out = runner.invoke(cli, ["suppress", "import", str(good)])
+    assert "2 added (1 were already listed)" in out.output, out.output
+    bad = tmp_path / "bad.csv"
+    bad.write_text("email\nnew3@example.com\nnot an address\n")
+    out = runner.invoke(cli, ["suppress", "import", str(bad)])
+    assert out.exit_code != 0 and "line 3" in out.output, out.output
+    listed = runner.invoke(cli, ["suppress", "list"]).output
+    assert "new2@example.com" in listed and "new3@example.com" not in listed

@@ -71,16 +71,13 @@ def suppress_export() -> None:
 def suppress_import(path: Path, reason: str) -> None:
     """Add the addresses of a CSV with an 'email' column (and optional 'reason'), as `export`
     writes it. An invalid address refuses the whole file."""
-    from mailer import addresses, recipients, suppressions
+    from mailer import recipients, suppressions
 
-    entries = []
-    for line, row in recipients.read(path):
-        try:
-            entries.append(
-                (addresses.parse(str(row["email"])).key, row.get("reason") or reason, None)
+    try:
+        with db.session_scope() as session:
+            read, added = suppressions.import_rows(
+                session, recipients.read(path), reason, clock.now()
             )
-        except MailerError as exc:
-            raise click.ClickException(f"{path}, line {line}: {exc}") from None
-    with db.session_scope() as session:
-        n = suppressions.add(session, entries, clock.now())
-    click.echo(f"{n} added ({len(entries) - n} were already listed)")
+    except MailerError as exc:
+        raise click.ClickException(f"{path}, {exc}") from None
+    click.echo(f"{added} added ({read - added} were already listed)")
