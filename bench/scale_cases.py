@@ -41,8 +41,10 @@ class Side:
 
     @property
     def app(self) -> str:
-        """The application_name of mailer's connections to this outbox."""
-        return f"mailer-scale-{self.name}"
+        """The application_name of mailer's connections to this outbox: its schema's, so that
+        two runs on one server (other schemas) never take each other's statements for their
+        own orphans."""
+        return f"mailer-scale-{self.schema}"[:63]
 
     def orphans(self) -> list[dict[str, Any]]:
         """Statements of this outbox's mailer processes still running on the server once the
