@@ -264,6 +264,8 @@ def _composed(group: list[_Work]) -> Outgoing | str:
 def _attempts(chunk: _Chunk, deadline: float) -> _Attempt:
     """How lanes attempt a group: sent, no reply awaited past `deadline`; where a hook may
     say "not now", asked first (decided once a chunk: no hook, no call)."""
+    hooked = chunk.hooked
+    asks = hooked if hooked is not None and hooks.asks_before_transaction(hooked) else None
 
     def attempt(
         relay: Transport,
@@ -272,26 +274,15 @@ def _attempts(chunk: _Chunk, deadline: float) -> _Attempt:
         following: Outgoing | str | None,
         meanwhile: Callable[[], object],
     ) -> _Result:
+        if asks is not None:
+            answer = asks.before_transaction(chunk.seen, [w.delivery for w in group])
+            if answer is not None:
+                now = clock.now()
+                return _Held(hooks.until(answer, now) or now)
         ahead = following if isinstance(following, Outgoing) else None
         return _attempt(group, relay, outgoing, ahead, meanwhile, deadline)
 
-    hooked = chunk.hooked
-    if hooked is None or not hooks.asks_before_transaction(hooked):
-        return attempt
-
-    def unless_held(
-        relay: Transport,
-        group: list[_Work],
-        outgoing: Outgoing | str,
-        following: Outgoing | str | None,
-        meanwhile: Callable[[], object],
-    ) -> _Result:
-        answer = hooked.before_transaction(chunk.seen, [w.delivery for w in group])
-        if answer is not None:
-            return _Held(hooks.until(answer, clock.now()) or clock.now())
-        return attempt(relay, group, outgoing, following, meanwhile)
-
-    return unless_held
+    return attempt
 
 
 def _stops(result: _Result) -> ReplyClass | None:
