@@ -109,6 +109,24 @@ VARIABLES: list[tuple[str, str, str]] = [
         "(a web backend that imports mailer), cli (0: none; a role left out keeps its default; "
         "`mailer db upgrade` has none)",
     ),
+    (
+        "MAILER_WEB_SECRET",
+        "",
+        "key that signs `mailer web`'s session cookies and CSRF tokens (required by "
+        "`mailer web`; make one with `python -c 'import secrets; print(secrets.token_urlsafe(32))'`)",
+    ),
+    ("MAILER_WEB_COOKIE_SECURE", "0", "1: the session cookie is sent over HTTPS only"),
+    (
+        "MAILER_WEB_TRUSTED_HEADER",
+        "",
+        "single sign-on: a header naming the user, set by a proxy in MAILER_WEB_TRUSTED_PROXIES",
+    ),
+    (
+        "MAILER_WEB_TRUSTED_PROXIES",
+        "",
+        "comma-separated addresses or networks of the proxies whose MAILER_WEB_TRUSTED_HEADER "
+        "is believed",
+    ),
 ]
 _DEFAULTS = {name: default for name, default, _ in VARIABLES}
 
@@ -256,6 +274,50 @@ def _hooks(value: str) -> tuple[str, ...]:
     for path in paths:
         hooks.resolve(path)
     return paths
+
+
+@dataclass(frozen=True)
+class WebSettings:
+    """`mailer web`'s settings, read only by the commands that serve the dashboard."""
+
+    secret: str
+    cookie_secure: bool
+    trusted_header: str | None
+    trusted_proxies: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]
+
+
+def web(env: Mapping[str, str] = os.environ) -> WebSettings:
+    """The dashboard's settings; a bad value raises ConfigError naming its variable. An empty
+    secret is returned as it is: the command decides whether it may run without one."""
+
+    def parsed(name: str, parse: Callable[[str], T]) -> T:
+        value = env.get(name) or _DEFAULTS[name]
+        try:
+            return parse(value)
+        except ValueError as exc:
+            raise ConfigError(name, f"{exc} (got {value!r})") from None
+
+    secret = env.get("MAILER_WEB_SECRET", "")
+    if secret and len(secret) < 16:
+        raise ConfigError("MAILER_WEB_SECRET", "must be at least 16 characters")
+    return WebSettings(
+        secret=secret,
+        cookie_secure=parsed("MAILER_WEB_COOKIE_SECURE", _flag),
+        trusted_header=(env.get("MAILER_WEB_TRUSTED_HEADER") or "").strip() or None,
+        trusted_proxies=parsed("MAILER_WEB_TRUSTED_PROXIES", _networks),
+    )
+
+
+def _flag(value: str) -> bool:
+    if value not in ("0", "1"):
+        raise ValueError("must be 0 or 1")
+    return value == "1"
+
+
+def _networks(value: str) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+    return tuple(
+        ipaddress.ip_network(part.strip(), strict=False) for part in value.split(",") if part.strip()
+    )
 
 
 ROLES = ("worker", "dispatcher", "producer", "cli")

@@ -298,3 +298,24 @@ class Relay(Base):
     paused_reason: Mapped[str | None] = mapped_column(Text)
     backoff_until: Mapped[datetime | None]
     updated_at: Mapped[datetime]
+
+
+class Role(StrEnum):
+    """What a dashboard user may do: viewers look, operators act, admins also manage users."""
+
+    VIEWER = "viewer"
+    OPERATOR = "operator"
+    ADMIN = "admin"
+
+
+class User(Base):
+    """A dashboard account (`mailer user add`); the password is kept as an argon2 hash only."""
+
+    __tablename__ = "users"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str] = mapped_column(String(100), unique=True)
+    role: Mapped[Role] = mapped_column(_enum(Role))
+    password_hash: Mapped[str] = mapped_column(Text)
+    created_at: Mapped[datetime]
+    updated_at: Mapped[datetime]
