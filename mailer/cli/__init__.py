@@ -12,7 +12,7 @@ import click
 from sqlalchemy.exc import OperationalError, ProgrammingError
 
 from mailer import config, db
-from mailer.cli import campaigns, deliveries, ops, relay, retention, suppressions
+from mailer.cli import campaigns, deliveries, ops, relay, retention, suppressions, web
 from mailer.cli.params import hide
 from mailer.errors import MailerError
 
@@ -57,6 +57,8 @@ for _command in (
     relay.verify_cmd,
     relay.smtp_group,
     ops.demo_cmd,
+    web.web_cmd,
+    web.user_group,
 ):
     cli.add_command(_command)
 

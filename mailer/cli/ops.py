@@ -126,8 +126,17 @@ def dispatcher_cmd(once: bool) -> None:
     default=Path("var/demo"),
     show_default=True,
 )
-def demo_cmd(workdir: Path) -> None:
+@click.option("--web", is_flag=True, help="Then serve the dashboard on the demo's data.")
+@click.option("--port", default=8025, show_default=True, help="The dashboard's port (--web).")
+def demo_cmd(workdir: Path, web: bool, port: int) -> None:
     """Run a whole campaign on embedded parts: SQLite, an in-process broker and SMTP server."""
     from mailer import demo
 
-    sys.exit(demo.run(workdir))
+    status = demo.run(workdir)
+    if web:
+        from mailer.web import demo as web_demo
+
+        web_demo.serve(port=port)
+    else:
+        click.echo("see it in the dashboard: mailer demo --web (then open the URL it prints)")
+    sys.exit(status)

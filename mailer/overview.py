@@ -1,0 +1,146 @@
+"""The dashboard overview's reads: campaigns a page at a time, the queue, the relays.
+
+Each statement is bounded on a 10M-delivery outbox: campaigns by keyset on their primary key;
+the queue counted through the partial indexes `ix_deliveries_due` and `ix_deliveries_leased`
+(which hold only waiting and in-flight deliveries) up to a cap; the oldest due delivery is the
+first entry of `ix_deliveries_due`.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass
+from datetime import datetime
+
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from mailer import queries
+from mailer.models import Campaign, Delivery, DeliveryState, Message, Relay
+
+# a count of waiting deliveries stops here and shows as "more than": an exact count of
+# millions of index entries would take seconds
+QUEUE_CAP = 100_000
+WAITING = (DeliveryState.QUEUED, DeliveryState.DEFERRED)
+
+
+@dataclass(frozen=True)
+class CampaignRow:
+    status: queries.CampaignStatus
+    # final deliveries a second over the last minute of samples; None until two samples
+    rate: float | None
+
+    @property
+    def seconds_left(self) -> float | None:
+        left = self.status.total - self.status.done
+        if left == 0:
+            return 0.0
+        return left / self.rate if self.rate else None
+
+
+@dataclass(frozen=True)
+class QueueDepth:
+    queued: int
+    deferred: int
+    sending: int
+    cap: int = QUEUE_CAP
+
+
+@dataclass(frozen=True)
+class Oldest:
+    delivery_id: int
+    recipient: str
+    campaign_id: int | None
+    due_since: datetime
+
+
+@dataclass(frozen=True)
+class RelayRow:
+    name: str
+    paused_reason: str | None
+    backoff_until: datetime | None
+    updated_at: datetime
+
+    def health(self, now: datetime) -> str:
+        """paused (an operator must resume it), resting (until backoff_until) or healthy."""
+        if self.paused_reason:
+            return "paused"
+        if self.backoff_until is not None and self.backoff_until > now:
+            return "resting"
+        return "healthy"
+
+
+class Rates:
+    """Progress samples per campaign, kept by the process that serves the page, so that a
+    rate costs two reads of counts already shown rather than a scan of recent deliveries."""
+
+    def __init__(self, window: float = 60.0) -> None:
+        self.window = window
+        self._samples: dict[int, deque[tuple[float, int]]] = {}
+        self._lock = threading.Lock()
+
+    def observe(self, campaign_id: int, done: int, at: float | None = None) -> float | None:
+        now = time.monotonic() if at is None else at
+        with self._lock:
+            samples = self._samples.setdefault(campaign_id, deque())
+            samples.append((now, done))
+            while len(samples) > 2 and now - samples[1][0] >= self.window:
+                samples.popleft()
+            first_at, first_done = samples[0]
+        return (done - first_done) / (now - first_at) if now > first_at else None
+
+
+def campaigns(
+    session: Session, rates: Rates, before_id: int | None = None, limit: int = 20
+) -> tuple[list[CampaignRow], int | None]:
+    """The newest campaigns first (keyset on campaigns.id), and the id to page on from."""
+    query = select(Campaign.id).order_by(Campaign.id.desc()).limit(limit + 1)
+    if before_id is not None:
+        query = query.where(Campaign.id < before_id)
+    ids = list(session.scalars(query))
+    more = ids[limit] if len(ids) > limit else None
+    rows = []
+    for campaign_id in ids[:limit]:
+        status = queries.campaign_status(session, campaign_id)
+        rows.append(CampaignRow(status, rates.observe(campaign_id, status.done)))
+    return rows, (ids[limit - 1] if more is not None else None)
+
+
+def _capped(session: Session, *states: DeliveryState) -> int:
+    inner = select(Delivery.id).where(Delivery.state.in_(states)).limit(QUEUE_CAP + 1).subquery()
+    return int(session.scalar(select(func.count()).select_from(inner)) or 0)
+
+
+def queue_depth(session: Session) -> QueueDepth:
+    """Waiting and in-flight deliveries, each count capped at QUEUE_CAP + 1."""
+    return QueueDepth(
+        queued=_capped(session, DeliveryState.QUEUED),
+        deferred=_capped(session, DeliveryState.DEFERRED),
+        sending=_capped(session, DeliveryState.SENDING),
+    )
+
+
+def oldest_due(session: Session, now: datetime) -> Oldest | None:
+    """The waiting delivery due the longest (ix_deliveries_due's first entry), if it is due."""
+    row = session.execute(
+        select(Delivery.id, Delivery.recipient, Message.campaign_id, Delivery.next_attempt_at)
+        .join(Message, Delivery.message_id == Message.id)
+        .where(Delivery.state.in_(WAITING))
+        .order_by(Delivery.next_attempt_at)
+        .limit(1)
+    ).first()
+    if row is None or row.next_attempt_at > now:
+        return None
+    return Oldest(row.id, row.recipient, row.campaign_id, row.next_attempt_at)
+
+
+def relays(session: Session) -> list[RelayRow]:
+    """Every relay with a health record (one row per relay name: a handful)."""
+    rows = session.execute(
+        select(Relay.name, Relay.paused_reason, Relay.backoff_until, Relay.updated_at).order_by(
+            Relay.name
+        )
+    )
+    return [RelayRow(*row) for row in rows]
