@@ -74,10 +74,11 @@ class SecurityHeaders:
 
 
 def page_modules() -> list[Iterable[PageRoute]]:
-    from mailer.web import actions, campaigns, overview, recipients, suppressions
+    from mailer.web import actions, audit, campaigns, overview, recipients, suppressions
 
     return [
         overview.routes(),
+        audit.routes(),
         campaigns.routes(),
         recipients.routes(),
         suppressions.routes(),
