@@ -32,6 +32,7 @@ from mailer import (
     suppressions,
 )
 from mailer.config import load
+from mailer.filters import DeliveryFilter
 from mailer.models import Delivery, DeliveryState, Priority
 
 S = DeliveryState
@@ -171,8 +172,8 @@ def dispatcher_pass(scene: Scene, *, due: bool) -> Callable[[Session], Any]:
 
 
 def cli(scene: Scene) -> dict[str, Callable[[Session], Any]]:
-    chosen = queries.Selection(campaign_id=scene.campaign, states=[S.FAILED, S.UNKNOWN])
-    everything = queries.Selection(campaign_id=scene.campaign)
+    chosen = DeliveryFilter(campaign_id=scene.campaign, states=(S.FAILED, S.UNKNOWN))
+    everything = DeliveryFilter(campaign_id=scene.campaign)
     addresses = [f"someone{i}@example.org" for i in range(100)]
     return {
         "status": lambda s: queries.campaign_status(s, scene.campaign),

@@ -1,7 +1,7 @@
 """dashboard accounts: the users table of `mailer web`
 
 Revision ID: 0008_users
-Revises: 0005
+Revises: 0009_audit (0005 on its own branch; re-chained after merging actions)
 Create Date: 2026-12-07
 """
 
@@ -11,7 +11,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision = "0008_users"
-down_revision = "0005"
+down_revision = "0009_audit"
 branch_labels = None
 depends_on = None
 
