@@ -149,7 +149,12 @@ def suppress(
         insert = db.dialect_insert(session)(Suppression).from_select(
             ["address", "reason", "created_at"], chosen
         )
-        result: Any = session.execute(insert.on_conflict_do_nothing(index_elements=["address"]))
+        # SQLAlchemy keeps an INSERT's rowcount only when asked to
+        result: Any = session.execute(
+            insert.on_conflict_do_nothing(index_elements=["address"]).execution_options(
+                preserve_rowcount=True
+            )
+        )
         n += max(int(result.rowcount), 0)
     return _audit(session, actor, Action.SUPPRESS, {**target.as_dict(), "reason": reason}, n, when)
 
