@@ -112,8 +112,8 @@ VARIABLES: list[tuple[str, str, str]] = [
     (
         "MAILER_WEB_SECRET",
         "",
-        "key that signs `mailer web`'s session cookies and CSRF tokens (required by "
-        "`mailer web`; make one with `python -c 'import secrets; print(secrets.token_urlsafe(32))'`)",
+        "key that signs `mailer web`'s session cookies (required by `mailer web`, at least 16 "
+        "characters: `python3 -c 'import secrets; print(secrets.token_urlsafe(32))'`)",
     ),
     ("MAILER_WEB_COOKIE_SECURE", "0", "1: the session cookie is sent over HTTPS only"),
     (
@@ -316,7 +316,9 @@ def _flag(value: str) -> bool:
 
 def _networks(value: str) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
     return tuple(
-        ipaddress.ip_network(part.strip(), strict=False) for part in value.split(",") if part.strip()
+        ipaddress.ip_network(part.strip(), strict=False)
+        for part in value.split(",")
+        if part.strip()
     )
 
 

@@ -116,14 +116,21 @@ async def preview_filter(request: Request) -> Response:
     except (MailerError, ValueError) as exc:
         return failed(request, exc)
     hidden = {**params, **({"include_suppressed": "1"} if include else {})}
-    return confirm(request, words.title, words.preview.format(n=f"{n:,}"), target.describe(),
-                   f"/actions/{verb}", hidden, back=_back(params))
+    return confirm(
+        request,
+        words.title,
+        words.preview.format(n=f"{n:,}"),
+        target.describe(),
+        f"/actions/{verb}",
+        hidden,
+        back=_back(params),
+    )
 
 
 async def run_filter(request: Request) -> Response:
     form = await request.form()
     try:
-        verb, action, words = _verb(request)
+        verb, _, words = _verb(request)
         params = filter_params(form)
         target = DeliveryFilter.from_params(params)
         include = verb == "retry" and form.get("include_suppressed") == "1"
@@ -137,7 +144,9 @@ async def run_filter(request: Request) -> Response:
         done = await in_session(run)
     except (MailerError, ValueError) as exc:
         return failed(request, exc)
-    return finished(request, words.title, words.done.format(n=f"{done.count:,}"), done, _back(params))
+    return finished(
+        request, words.title, words.done.format(n=f"{done.count:,}"), done, _back(params)
+    )
 
 
 def _back(params: Mapping[str, str]) -> str:
@@ -159,8 +168,16 @@ def confirm(  # noqa: PLR0913 (what the confirmation page shows, each named)
     hidden: Mapping[str, str],
     back: str,
 ) -> Response:
-    return page(request, "confirm.html", title=title, count_line=count_line, target=target,
-                action_url=action_url, hidden=hidden, back=back)
+    return page(
+        request,
+        "confirm.html",
+        title=title,
+        count_line=count_line,
+        target=target,
+        action_url=action_url,
+        hidden=hidden,
+        back=back,
+    )
 
 
 def finished(request: Request, title: str, line: str, done: actions.Done, back: str) -> Response:
@@ -187,9 +204,15 @@ async def preview_pause(request: Request) -> Response:
         else f"{n:,} waiting deliveries would be handed out again."
     )
     verb = "pause" if pausing else "resume"
-    return confirm(request, f"{verb.capitalize()} campaign {campaign_id}", line,
-                   f"campaign={campaign_id}", f"/campaigns/{campaign_id}/{verb}", {},
-                   back=f"/campaigns/{campaign_id}")
+    return confirm(
+        request,
+        f"{verb.capitalize()} campaign {campaign_id}",
+        line,
+        f"campaign={campaign_id}",
+        f"/campaigns/{campaign_id}/{verb}",
+        {},
+        back=f"/campaigns/{campaign_id}",
+    )
 
 
 async def run_pause(request: Request) -> Response:
@@ -219,8 +242,15 @@ async def preview_relay(request: Request) -> Response:
         else "The relay is healthy: resuming changes nothing."
     )
     hidden = {"relay": relay} if relay else {}
-    return confirm(request, "Resume the relay", line, f"relay={relay or 'configured'}",
-                   "/relays/resume", hidden, back="/")
+    return confirm(
+        request,
+        "Resume the relay",
+        line,
+        f"relay={relay or 'configured'}",
+        "/relays/resume",
+        hidden,
+        back="/",
+    )
 
 
 async def run_relay(request: Request) -> Response:

@@ -17,6 +17,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from mailer import config
 from mailer.config import WebSettings
+from mailer.errors import ConfigError
 from mailer.models import Role
 from mailer.web import auth, ratelimit
 from mailer.web.render import STATIC, refusal
@@ -95,7 +96,7 @@ def create_app(
     """The dashboard. `metrics`, when given, is served unauthenticated at /metrics (the
     metrics module's ASGI app; it may instead listen on a port of its own)."""
     if not web.secret:
-        raise config.ConfigError("MAILER_WEB_SECRET", "is required by mailer web")
+        raise ConfigError("MAILER_WEB_SECRET", "is required by mailer web")
     broker = broker_url or config.settings().broker_url
     guard = auth.Auth(
         web,

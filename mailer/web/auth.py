@@ -177,7 +177,7 @@ def login_routes(auth: Auth) -> tuple[Endpoint, Endpoint, Endpoint]:
             return page(
                 request,
                 "login.html",
-                status=429,
+                http_status=429,
                 next=target,
                 error="Too many failed sign-ins: wait a quarter of an hour and try again.",
             )
@@ -186,7 +186,7 @@ def login_routes(auth: Auth) -> tuple[Endpoint, Endpoint, Endpoint]:
             auth.per_user.failed(keys[0])
             auth.per_address.failed(keys[1])
             return page(
-                request, "login.html", status=401, next=target, error="Wrong name or password."
+                request, "login.html", http_status=401, next=target, error="Wrong name or password."
             )
         auth.per_user.clear(keys[0])
         request.session.clear()  # a new session on login: nothing fixed before it survives

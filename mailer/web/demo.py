@@ -31,6 +31,8 @@ def serve(host: str = "127.0.0.1", port: int = 8025) -> None:
     app = create_app(web, broker_url="memory://")
     click.echo("")
     click.echo(f"dashboard  http://{host}:{port}/  sign in as {DEMO_USER} / {password}")
-    click.echo("           (the demo's worker has stopped: a retry from here queues, nothing sends)")
+    click.echo(
+        "           (the demo's worker has stopped: a retry from here queues, nothing sends)"
+    )
     click.echo("           Ctrl-C stops it")
     uvicorn.run(app, host=host, port=port, log_level="warning", server_header=False)

@@ -7,6 +7,7 @@ counts alone (still a limit, only per process).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
@@ -43,9 +44,7 @@ class MemoryLimiter:
         with self._lock:
             now = time.monotonic()
             if len(self._counts) > 100_000:  # a flood of made-up names: forget the stale ones
-                self._counts = {
-                    k: v for k, v in self._counts.items() if now - v[0] < self.window
-                }
+                self._counts = {k: v for k, v in self._counts.items() if now - v[0] < self.window}
             started, count = self._current(key, now)
             self._counts[key] = (started, count + 1)
 
@@ -58,7 +57,7 @@ class RedisLimiter:
     """The same windows in Redis (INCR, then EXPIRE on the first failure). Should Redis be
     unreachable, the process's own counts stand in, so that the limit never lapses."""
 
-    def __init__(self, client: redis.Redis, limit: int, window: float) -> None:
+    def __init__(self, client: redis.Redis[bytes], limit: int, window: float) -> None:
         self.client, self.limit, self.window = client, limit, window
         self.fallback = MemoryLimiter(limit, window)
 
@@ -81,10 +80,8 @@ class RedisLimiter:
 
     def clear(self, key: str) -> None:
         self.fallback.clear(key)
-        try:
+        with contextlib.suppress(redis.RedisError):
             self.client.delete(PREFIX + key)
-        except redis.RedisError:
-            pass
 
 
 def for_broker(broker_url: str, limit: int, window: float) -> Limiter:

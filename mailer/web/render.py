@@ -53,15 +53,15 @@ def duration(seconds: float) -> str:
     return f"{seconds / 86400:.1f} days"
 
 
-def page(request: Request, name: str, status: int = 200, **context: Any) -> HTMLResponse:
+def page(request: Request, name: str, http_status: int = 200, **context: Any) -> HTMLResponse:
     """A template rendered with what every page needs: the user, the CSRF token, the path."""
     session = request.scope.get("session") or {}
     context.setdefault("user", getattr(request.state, "user", None))
     context.setdefault("csrf", session.get("csrf", ""))
     context.setdefault("path", request.url.path)
     html = environment().get_template(name).render(request=request, **context)
-    return HTMLResponse(html, status_code=status)
+    return HTMLResponse(html, status_code=http_status)
 
 
 def refusal(request: Request, status: int, title: str, detail: str) -> HTMLResponse:
-    return page(request, "refused.html", status=status, title=title, detail=detail)
+    return page(request, "refused.html", http_status=status, title=title, detail=detail)

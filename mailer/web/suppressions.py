@@ -24,7 +24,11 @@ from mailer.web.render import page
 PAGE_SIZE = 50
 MAX_ADDRESSES = 1000
 CHANGES = {
-    "add": (actions.Action.SUPPRESS, "Suppress addresses", "{n} of these addresses would be added."),
+    "add": (
+        actions.Action.SUPPRESS,
+        "Suppress addresses",
+        "{n} of these addresses would be added.",
+    ),
     "remove": (
         actions.Action.UNSUPPRESS,
         "Unsuppress addresses",
@@ -71,8 +75,15 @@ async def preview(request: Request) -> Response:
     except (MailerError, ValueError) as exc:
         return failed(request, exc)
     hidden = {"addresses": "\n".join(given), "reason": reason}
-    return confirm(request, title, line.format(n=f"{n:,}"), ", ".join(given[:20]),
-                   f"/suppressions/{change}", hidden, back="/suppressions")
+    return confirm(
+        request,
+        title,
+        line.format(n=f"{n:,}"),
+        ", ".join(given[:20]),
+        f"/suppressions/{change}",
+        hidden,
+        back="/suppressions",
+    )
 
 
 async def change(request: Request) -> Response:

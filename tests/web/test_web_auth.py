@@ -35,7 +35,9 @@ def test_nothing_but_health_and_login_is_served_without_a_session(client: TestCl
             assert response.headers["location"].startswith("/login?next=")
 
 
-def test_signing_in_sets_a_signed_httponly_lax_cookie(client: TestClient, make_user: MakeUser) -> None:
+def test_signing_in_sets_a_signed_httponly_lax_cookie(
+    client: TestClient, make_user: MakeUser
+) -> None:
     make_user("ann")
     token = csrf_of(client.get("/login").text)
     response = client.post(
@@ -80,9 +82,12 @@ def test_failed_sign_ins_are_limited_per_name(client: TestClient, make_user: Mak
     make_user("ann")
     token = csrf_of(client.get("/login").text)
     for _ in range(5):
-        assert client.post(
-            "/login", data={"name": "ann", "password": "wrong", "csrf": token}
-        ).status_code == 401
+        assert (
+            client.post(
+                "/login", data={"name": "ann", "password": "wrong", "csrf": token}
+            ).status_code
+            == 401
+        )
     right = client.post("/login", data={"name": "ann", "password": PASSWORD, "csrf": token})
     assert right.status_code == 429 and "Too many failed sign-ins" in right.text
 
