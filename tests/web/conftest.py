@@ -28,6 +28,16 @@ def _truncate_users(url: str) -> None:
     eng.dispose()
 
 
+@pytest.fixture(autouse=True)
+def cheap_hashes(monkeypatch: pytest.MonkeyPatch) -> None:
+    """argon2 at its lowest cost: the tests check what is hashed and verified, not the cost."""
+    from argon2 import PasswordHasher
+
+    cheap = PasswordHasher(time_cost=1, memory_cost=8, parallelism=1)
+    monkeypatch.setattr(accounts, "_hasher", cheap)
+    monkeypatch.setattr(accounts, "_DUMMY_HASH", cheap.hash("not a password anyone has"))
+
+
 @pytest.fixture
 def web_db(pg_db: str) -> str:
     """The PostgreSQL test schema, emptied, with no accounts."""
