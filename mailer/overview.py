@@ -1,9 +1,8 @@
 """The dashboard overview's reads: campaigns a page at a time, the queue, the relays.
 
-Each statement is bounded on a 10M-delivery outbox: campaigns by keyset on their primary key;
-the queue counted through the partial indexes `ix_deliveries_due` and `ix_deliveries_leased`
-(which hold only waiting and in-flight deliveries) up to a cap; the oldest due delivery is the
-first entry of `ix_deliveries_due`.
+Each statement is bounded on a 10M-delivery outbox: campaigns by keyset on their primary key,
+their counts and the queue's from the trigger-kept counts (counts.py, a few rows each); the
+oldest due delivery is the first entry of the partial index `ix_deliveries_due`.
 """
 
 from __future__ import annotations
@@ -14,16 +13,14 @@ from collections import deque
 from dataclasses import dataclass
 from datetime import datetime
 
-from sqlalchemy import func, select
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from mailer import queries
-from mailer.models import Campaign, Delivery, DeliveryState, Message, Relay
+from mailer import counts, queries
+from mailer.models import Campaign, Delivery, DeliveryState, Message, Priority, Relay
 
-# a count of waiting deliveries stops here and shows as "more than": an exact count of
-# millions of index entries would take seconds
-QUEUE_CAP = 100_000
 WAITING = (DeliveryState.QUEUED, DeliveryState.DEFERRED)
+IN_QUEUE = (DeliveryState.QUEUED, DeliveryState.DEFERRED, DeliveryState.SENDING)
 
 
 @dataclass(frozen=True)
@@ -42,10 +39,11 @@ class CampaignRow:
 
 @dataclass(frozen=True)
 class QueueDepth:
-    queued: int
-    deferred: int
-    sending: int
-    cap: int = QUEUE_CAP
+    """Deliveries not final, by priority (transactional, bulk) and state."""
+
+    by_priority: dict[str, dict[str, int]]
+    # transactional deliveries that reached a final state, a second (Rates; None at first)
+    transactional_rate: float | None = None
 
 
 @dataclass(frozen=True)
@@ -108,18 +106,21 @@ def campaigns(
     return rows, (ids[limit - 1] if more is not None else None)
 
 
-def _capped(session: Session, *states: DeliveryState) -> int:
-    inner = select(Delivery.id).where(Delivery.state.in_(states)).limit(QUEUE_CAP + 1).subquery()
-    return int(session.scalar(select(func.count()).select_from(inner)) or 0)
+# the key under which Rates keeps the transactional stream (campaign ids start at 1)
+TRANSACTIONAL = 0
 
 
-def queue_depth(session: Session) -> QueueDepth:
-    """Waiting and in-flight deliveries, each count capped at QUEUE_CAP + 1."""
-    return QueueDepth(
-        queued=_capped(session, DeliveryState.QUEUED),
-        deferred=_capped(session, DeliveryState.DEFERRED),
-        sending=_capped(session, DeliveryState.SENDING),
-    )
+def queue_depth(session: Session, rates: Rates) -> QueueDepth:
+    """Queued, deferred and sending deliveries by priority (counts.totals), and the rate at
+    which transactional mail is finished."""
+    found: dict[str, dict[str, int]] = {p.value: {} for p in Priority}
+    finished = 0
+    for (priority, state), n in counts.totals(session).items():
+        if state in IN_QUEUE:
+            found.setdefault(priority, {})[state] = n
+        elif priority == Priority.TRANSACTIONAL.value:
+            finished += n
+    return QueueDepth(found, rates.observe(TRANSACTIONAL, finished))
 
 
 def oldest_due(session: Session, now: datetime) -> Oldest | None:

@@ -35,7 +35,7 @@ def read(before: int | None) -> Overview:
         return Overview(
             campaigns=rows,
             before=more,
-            queue=reads.queue_depth(session),
+            queue=reads.queue_depth(session, RATES),
             oldest=reads.oldest_due(session, clock.now()),
             relays=reads.relays(session),
             relay_name=config.settings().smtp.name,

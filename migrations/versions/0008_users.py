@@ -1,7 +1,7 @@
 """dashboard accounts: the users table of `mailer web`
 
 Revision ID: 0008_users
-Revises: 0009_audit (0005 on its own branch; re-chained after merging actions)
+Revises: 0006, 0009_audit
 Create Date: 2026-12-07
 """
 
@@ -11,7 +11,8 @@ import sqlalchemy as sa
 from alembic import op
 
 revision = "0008_users"
-down_revision = "0009_audit"
+# also the merge point of the branches of this issue (0006 counts, 0009 audit), both from 0005
+down_revision = ("0006", "0009_audit")
 branch_labels = None
 depends_on = None
 

@@ -43,7 +43,8 @@ def test_the_overview_shows_campaigns_queue_and_relay(
     assert f'href="/campaigns/{data.campaign_id}"' in html
     assert "December &lt;news&gt; &amp; offers" in html
     assert "sent 6" in html and "bounced 2" in html and "failed 3" in html
-    assert 'id="queued">1<' in html  # the password reset waits
+    assert 'id="transactional-queued">1<' in html  # the password reset waits
+    assert 'id="bulk-queued">0<' in html
     live = client.get("/live/overview")
     assert live.status_code == 200 and 'id="overview-live"' in live.text
 

@@ -1,0 +1,35 @@
+"""The overview's reads: the rate from samples, the queue by priority, the oldest due."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+from mailer import clock, db
+from mailer import overview as reads
+from tests.web import scenario
+
+
+def test_a_rate_is_the_change_over_the_window() -> None:
+    rates = reads.Rates(window=60)
+    assert rates.observe(1, 100, at=1000.0) is None
+    assert rates.observe(1, 150, at=1010.0) == 5.0
+    assert rates.observe(1, 250, at=1020.0) == 7.5
+    # samples older than the window are dropped: the rate follows the recent pace
+    rates.observe(1, 250, at=1080.0)
+    assert rates.observe(1, 250, at=1090.0) == 0.0
+    assert rates.observe(2, 10, at=1090.0) is None  # each campaign its own
+
+
+def test_the_queue_by_priority_and_the_oldest_due(web_db: str) -> None:
+    data = scenario.build()
+    rates = reads.Rates()
+    with db.read_scope() as session:
+        depth = reads.queue_depth(session, rates)
+        assert depth.by_priority == {"transactional": {"queued": 1}, "bulk": {}}
+        oldest = reads.oldest_due(session, clock.now())
+        assert oldest is not None and oldest.recipient == scenario.POLICY[0]
+        assert oldest.campaign_id is None
+        assert reads.oldest_due(session, clock.now() - timedelta(hours=1)) is None
+        rows, before = reads.campaigns(session, rates)
+        assert [r.status.id for r in rows] == [data.campaign_id] and before is None
+        assert rows[0].seconds_left == 0.0
