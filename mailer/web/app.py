@@ -112,7 +112,7 @@ def create_app(
         Mount("/static", app=StaticFiles(directory=STATIC), name="static"),
     ]
     if metrics is not None:
-        routes.append(Mount("/metrics", app=metrics))
+        routes.append(Route("/metrics", _Asgi(metrics), methods=["GET"]))
     for family in page_modules():
         for spec in family:
             endpoint = auth.guard(spec.endpoint, spec.role, guard)
@@ -132,6 +132,17 @@ def create_app(
         ],
         exception_handlers={HTTPException: _http_error, Exception: _server_error},
     )
+
+
+class _Asgi:
+    """An ASGI app as a route's endpoint (Starlette wraps a plain function as a request
+    handler, not as an app)."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await self.app(scope, receive, send)
 
 
 async def healthz(request: Request) -> Response:

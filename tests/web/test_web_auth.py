@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 from starlette.routing import Route
 from starlette.testclient import TestClient
@@ -186,3 +188,14 @@ def test_the_app_refuses_to_start_without_a_secret(web_db: str) -> None:
 
     with pytest.raises(ConfigError, match="MAILER_WEB_SECRET"):
         create_app(web_settings(secret=""), broker_url="memory://")
+
+
+def test_metrics_are_served_without_login_when_given(web_db: str) -> None:
+    async def metrics(scope: Any, receive: Any, send: Any) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"mailer_up 1\n"})
+
+    app = create_app(web_settings(), broker_url="memory://", metrics=metrics)
+    with TestClient(app) as c:
+        assert c.get("/metrics").text == "mailer_up 1\n"
+        assert c.get("/", follow_redirects=False).status_code == 303
