@@ -14,6 +14,8 @@ import time
 from typing import Protocol
 
 import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 log = logging.getLogger(__name__)
 
@@ -87,5 +89,9 @@ class RedisLimiter:
 def for_broker(broker_url: str, limit: int, window: float) -> Limiter:
     """Redis when the broker is Redis, else the process."""
     if broker_url.startswith(("redis://", "rediss://")):
-        return RedisLimiter(redis.Redis.from_url(broker_url, socket_timeout=2), limit, window)
+        # no retries: a sign-in must not wait seconds on a Redis that is down
+        client = redis.Redis.from_url(
+            broker_url, socket_timeout=2, socket_connect_timeout=2, retry=Retry(NoBackoff(), 0)
+        )
+        return RedisLimiter(client, limit, window)
     return MemoryLimiter(limit, window)
