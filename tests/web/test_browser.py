@@ -126,13 +126,17 @@ def test_bulk_retry_after_its_dry_run_and_the_cli_agrees(
     driver: Any, site: str, make_user: MakeUser, data: scenario.Scenario
 ) -> None:
     from selenium.webdriver.common.by import By
-    from selenium.webdriver.support.ui import Select
+    from selenium.webdriver.support import expected_conditions
+    from selenium.webdriver.support.ui import Select, WebDriverWait
 
     make_user("olga", Role.OPERATOR)
     _sign_in(driver, site, "olga")
     driver.get(f"{site}/campaigns/{data.campaign_id}")
     Select(_wait_for(driver, "#f-state")).select_by_value("failed")
-    driver.find_element(By.ID, "apply-filter").click()
+    old = driver.find_element(By.ID, "apply-filter")
+    old.click()
+    # the filtered page, not the one being left (its link would go stale under the click)
+    WebDriverWait(driver, 30).until(expected_conditions.staleness_of(old))
     _wait_for(driver, "#retry-filter").click()
     dry_run = _wait_for(driver, "#dry-run").text
     cli_dry = CliRunner().invoke(

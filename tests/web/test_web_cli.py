@@ -75,3 +75,41 @@ def test_web_settings_are_checked() -> None:
         {"MAILER_WEB_SECRET": "x" * 20, "MAILER_WEB_TRUSTED_PROXIES": "10.0.0.0/8, ::1"}
     )
     assert len(web.trusted_proxies) == 2 and not web.cookie_secure
+
+
+def test_mailer_web_serves_the_app(web_db: str) -> None:
+    """`mailer web` as a user starts it: uvicorn and the app factory, in a process of its own."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    from tests.conftest import free_port
+
+    port = free_port()
+    env = {**os.environ, "MAILER_DATABASE_URL": web_db, "MAILER_WEB_SECRET": "k" * 32}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mailer", "web", "--port", str(port)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        body = b""
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and proc.poll() is None:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz") as response:
+                    body = response.read()
+                break
+            except OSError:
+                time.sleep(0.2)
+        assert body == b"ok\n", proc.stderr.read().decode() if proc.poll() is not None else ""
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/") as response:
+            assert response.url.endswith("/login?next=%2F")  # redirected to sign in
+            assert b'name="csrf"' in response.read()
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=30)
