@@ -12,7 +12,7 @@ import click
 from sqlalchemy.exc import OperationalError, ProgrammingError
 
 from mailer import config, db
-from mailer.cli import campaigns, deliveries, ops, relay, retention, suppressions
+from mailer.cli import campaigns, deliveries, metrics, ops, relay, retention, suppressions
 from mailer.cli.params import hide
 from mailer.errors import MailerError
 
@@ -53,6 +53,7 @@ for _command in (
     # running
     ops.worker_cmd,
     ops.dispatcher_cmd,
+    metrics.metrics_cmd,
     relay.relay_group,
     relay.verify_cmd,
     relay.smtp_group,
