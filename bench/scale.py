@@ -153,7 +153,7 @@ def prepare_history(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         say(f"reusing the history in {args.schema} (loaded {marks['loaded_at']})")
         t = time.monotonic()
         scale_load.migrate(args.pg_url, args.schema, log)
-        scale_load.reset(args.pg_url, args.schema, marks, say)
+        scale_load.reset(args.pg_url, args.schema, marks, say, log)
         marks["reset_s"] = time.monotonic() - t
         marks["reused"] = True
         return marks

@@ -52,10 +52,19 @@ def connect(pg_url: str, schema: str) -> psycopg.Connection[Any]:
 
 def migrate(pg_url: str, schema: str, log: Path) -> None:
     """`mailer db upgrade` against the schema, as an operator would run it."""
+    _mailer_db(pg_url, schema, log, "upgrade")
+
+
+def recount(pg_url: str, schema: str, log: Path) -> None:
+    """`mailer db recount`: the load and the reset write with triggers off."""
+    _mailer_db(pg_url, schema, log, "recount")
+
+
+def _mailer_db(pg_url: str, schema: str, log: Path, command: str) -> None:
     env = _env(schema_url(pg_url, schema))
     with log.open("ab") as out:
         done = subprocess.run(
-            [PYTHON, "-m", "mailer", "db", "upgrade"],
+            [PYTHON, "-m", "mailer", "db", command],
             env=env,
             cwd=ROOT,
             stdout=out,
@@ -64,7 +73,7 @@ def migrate(pg_url: str, schema: str, log: Path) -> None:
             check=False,
         )
     if done.returncode != 0:
-        raise BenchError(f"mailer db upgrade failed in {schema}: see {log}")
+        raise BenchError(f"mailer db {command} failed in {schema}: see {log}")
 
 
 def _env(url: str) -> dict[str, str]:
@@ -141,6 +150,9 @@ def load_history(pg_url: str, schema: str, n: int, log: Path, say: Say) -> dict[
         for table in TABLES:
             conn.execute(f"VACUUM (ANALYZE) {table}")
         timings["vacuum_analyze_s"] = time.monotonic() - t
+        t = time.monotonic()
+        recount(pg_url, schema, log)
+        timings["recount_s"] = time.monotonic() - t
         marks = _marks(conn, n)
         marks["load"] = timings
         marks["sizes"] = table_sizes(conn)
@@ -383,7 +395,7 @@ def table_sizes(conn: psycopg.Connection[Any]) -> dict[str, dict[str, int]]:
     return out
 
 
-def reset(pg_url: str, schema: str, marks: dict[str, Any], say: Say) -> None:
+def reset(pg_url: str, schema: str, marks: dict[str, Any], say: Say, log: Path) -> None:
     """Delete what earlier runs added above the loaded history (children first)."""
     t0 = time.monotonic()
     with connect(pg_url, schema) as conn:
@@ -394,4 +406,5 @@ def reset(pg_url: str, schema: str, marks: dict[str, Any], say: Say) -> None:
         conn.execute("DELETE FROM relays")
         for table in TABLES:
             conn.execute(f"VACUUM (ANALYZE) {table}")
+    recount(pg_url, schema, log)
     say(f"history reset to its loaded rows in {time.monotonic() - t0:.1f}s")

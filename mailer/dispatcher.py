@@ -1,7 +1,7 @@
 """Re-publishes what is due: deferred retries, queued rows the broker lost, expired leases.
 
 The broker is only a wake-up; this pass makes the database's view come true. It also expires
-deliveries past their message's expires_at. Running two
+deliveries past their message's expires_at and folds the state counts' changes. Running two
 dispatchers is safe (the claim is compare-and-set); on PostgreSQL an advisory lock keeps one
 active so that the other does not publish the same wake-ups twice.
 """
@@ -18,7 +18,7 @@ from sqlalchemy import and_, exists, or_, select, text, union_all, update
 from sqlalchemy.exc import InterfaceError, OperationalError
 from sqlalchemy.orm import Session
 
-from mailer import bulk, clock, db, outcomes, publish, relay_health
+from mailer import bulk, clock, counts, db, outcomes, publish, relay_health
 from mailer.config import Settings
 from mailer.config import settings as current_settings
 from mailer.errors import DatabaseUnavailable
@@ -45,6 +45,8 @@ def run_once(settings: Settings | None = None, *, backlog: int | None = -1) -> P
     s = settings or current_settings()
     now = clock.now()
     report = PassReport()
+    with db.session_scope() as session:
+        counts.fold(session)
     with db.session_scope() as session:
         # a message that expired longer ago than the retry policy's age was closed by then
         since = now - timedelta(seconds=s.retry.max_age)

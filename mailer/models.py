@@ -298,3 +298,30 @@ class Relay(Base):
     paused_reason: Mapped[str | None] = mapped_column(Text)
     backoff_until: Mapped[datetime | None]
     updated_at: Mapped[datetime]
+
+
+class StateCount(Base):
+    """How many deliveries a campaign (0: the transactional stream) has in each state, kept by
+    triggers on `deliveries` (migration 0006; mailer/counts.py), so that a campaign's status
+    reads a few rows, not its million deliveries."""
+
+    __tablename__ = "state_counts"
+
+    campaign_id: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    priority: Mapped[str] = mapped_column(String(16), primary_key=True)
+    state: Mapped[str] = mapped_column(String(16), primary_key=True)
+    n: Mapped[int] = mapped_column(BigInteger)
+
+
+class StateCountChange(Base):
+    """A change to `state_counts` not yet folded in. On PostgreSQL each statement that moves
+    deliveries appends its net changes here instead of updating the shared count rows, which
+    every worker would otherwise wait on; the dispatcher folds them in each pass."""
+
+    __tablename__ = "state_count_changes"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    campaign_id: Mapped[int] = mapped_column(BigInteger, index=True)
+    priority: Mapped[str] = mapped_column(String(16))
+    state: Mapped[str] = mapped_column(String(16))
+    n: Mapped[int] = mapped_column(BigInteger)

@@ -7,9 +7,10 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Select, func, select
+from sqlalchemy import Select, select
 from sqlalchemy.orm import Session
 
+from mailer import counts
 from mailer.errors import NotFound
 from mailer.models import Campaign, Delivery, DeliveryState, Message
 
@@ -56,14 +57,8 @@ def campaign(session: Session, campaign_id: int) -> Campaign:
 
 def campaign_status(session: Session, campaign_id: int) -> CampaignStatus:
     c = campaign(session, campaign_id)
-    rows = session.execute(
-        select(Delivery.state, func.count())
-        .join(Message, Delivery.message_id == Message.id)
-        .where(Message.campaign_id == campaign_id)
-        .group_by(Delivery.state)
-    ).all()
-    counts: dict[str, int] = {str(state): n for state, n in rows}
-    ordered = {str(s): counts[str(s)] for s in DeliveryState if str(s) in counts}
+    found = counts.campaign(session, campaign_id)
+    ordered = {str(s): found[str(s)] for s in DeliveryState if str(s) in found}
     return CampaignStatus(c.id, c.name, c.paused, c.created_at, ordered)
 
 
