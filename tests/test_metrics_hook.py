@@ -185,3 +185,27 @@ def test_a_dead_process_gauges_are_swept_and_a_clean_start_empties_the_directory
     assert {p.name for p in tmp_path.glob("gauge_*")} == {alive.name}
     assert metrics_files.clean(tmp_path) >= 1
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_failure_to_count_is_logged_and_the_mail_still_goes(
+    sqlite_db: str,
+    configure_env: Any,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    configure_env(hooks="mailer.hooks.metrics:Metrics")
+    add_template()
+    mailer.send_campaign("welcome", [{"email": f"r{i}@example.com", "name": "x"} for i in range(3)])
+
+    def unwritable(*_: Any) -> Any:
+        raise OSError(30, "Read-only file system")
+
+    monkeypatch.setattr(hook.DELIVERIES, "labels", unwritable)
+    monkeypatch.setattr(hook.CHUNK_DURATION, "labels", unwritable)
+    monkeypatch.setattr(hook, "_failures", 0)
+    transport = MemoryTransport()
+    report = deliver_chunk([d.id for d in deliveries()], transport=transport)
+    assert report.attempted == 3 and len(transport.sent) == 3
+    warnings = [r for r in caplog.records if r.name == "mailer.hooks.metrics"]
+    assert [r.levelname for r in warnings] == ["WARNING"]
+    assert "could not count outcomes" in warnings[0].getMessage()

@@ -15,6 +15,7 @@ the database (mailer_queue_depth).
 from __future__ import annotations
 
 import bisect
+import logging
 import os
 import time
 from collections import Counter as Tally
@@ -36,6 +37,7 @@ if TYPE_CHECKING:
     from mailer.models import DeliveryState
     from mailer.outcomes import Claimed, Verdict
 
+log = logging.getLogger(__name__)
 _KEY = "metrics"
 _DELIVERED = ReplyClass.DELIVERED
 # from a message for a near relay to a campaign waiting hours for its turn or a retry
@@ -77,29 +79,18 @@ WORKER_METRICS = (DELIVERIES, ATTEMPTS, RELEASED, LATENCY, CHUNK_DURATION, SESSI
 
 
 class Metrics(Hooks):
-    """Counts each batch of outcomes as it is recorded, and each chunk when it is done."""
+    """Counts each batch of outcomes as it is recorded, and each chunk when it is done. A
+    failure to count (the directory unwritable, say) is logged, never raised: mail goes out
+    whether or not it is counted."""
 
     def chunk_claimed(self, chunk: Chunk, deliveries: Sequence[Claimed]) -> None:
         chunk.notes[_KEY] = {d.id: d.created_at for d in deliveries}
 
     def verdicts_recorded(self, chunk: Chunk, verdicts: Sequence[Verdict]) -> None:
-        by_label = Tally((v.klass, group(v.recipient)) for v in verdicts)
-        by_class: Tally[ReplyClass] = Tally()
-        for (klass, domain_group), n in by_label.items():
-            DELIVERIES.labels(klass.value, chunk.relay, domain_group).inc(n)
-            by_class[klass] += n
-        for klass, n in by_class.items():
-            ATTEMPTS.labels(klass.value).inc(n)
-        if by_class[_DELIVERED]:
-            enqueued: dict[int, datetime] = chunk.notes.get(_KEY, {})
-            observe_many(
-                LATENCY.labels(chunk.relay),
-                (
-                    (v.finished - enqueued[v.delivery_id]).total_seconds()
-                    for v in verdicts
-                    if v.klass is _DELIVERED and v.delivery_id in enqueued
-                ),
-            )
+        try:
+            _count(chunk, verdicts)
+        except Exception:
+            _failed("outcomes")
 
     def deliveries_released(
         self,
@@ -109,11 +100,52 @@ class Metrics(Hooks):
         due: datetime,
         why: str,
     ) -> None:
-        RELEASED.labels(state.value, why, chunk.relay).inc(len(deliveries))
+        try:
+            RELEASED.labels(state.value, why, chunk.relay).inc(len(deliveries))
+        except Exception:
+            _failed("deliveries handed back")
 
     def chunk_done(self, chunk: Chunk, report: ChunkReport) -> None:
-        CHUNK_DURATION.labels(chunk.relay).observe(time.monotonic() - chunk.started)
-        SESSIONS.set(smtp.open_sessions())
+        try:
+            CHUNK_DURATION.labels(chunk.relay).observe(time.monotonic() - chunk.started)
+            SESSIONS.set(smtp.open_sessions())
+        except Exception:
+            _failed("a chunk")
+
+
+def _count(chunk: Chunk, verdicts: Sequence[Verdict]) -> None:
+    by_label = Tally((v.klass, group(v.recipient)) for v in verdicts)
+    by_class: Tally[ReplyClass] = Tally()
+    for (klass, domain_group), n in by_label.items():
+        DELIVERIES.labels(klass.value, chunk.relay, domain_group).inc(n)
+        by_class[klass] += n
+    for klass, n in by_class.items():
+        ATTEMPTS.labels(klass.value).inc(n)
+    if by_class[_DELIVERED]:
+        enqueued: dict[int, datetime] = chunk.notes.get(_KEY, {})
+        observe_many(
+            LATENCY.labels(chunk.relay),
+            (
+                (v.finished - enqueued[v.delivery_id]).total_seconds()
+                for v in verdicts
+                if v.klass is _DELIVERED and v.delivery_id in enqueued
+            ),
+        )
+
+
+_failures = 0
+
+
+def _failed(what: str) -> None:
+    """Log a failure to count: the first of the process with its traceback, the rest briefly."""
+    global _failures
+    _failures += 1
+    if _failures == 1:
+        log.warning(
+            "metrics: could not count %s (counting goes on failing quietly)", what, exc_info=True
+        )
+    else:
+        log.debug("metrics: could not count %s", what, exc_info=True)
 
 
 def observe_many(histogram: Any, values: Iterable[float]) -> None:
@@ -132,7 +164,13 @@ def observe_many(histogram: Any, values: Iterable[float]) -> None:
 
 def _worker_starts(**_: Any) -> None:
     path = metrics_files.directory()
-    if path is not None:
+    if path is None:
+        log.warning(
+            "mailer.hooks.metrics is registered but %s is not set: each worker process keeps "
+            "its metrics to itself, and `mailer metrics` cannot read them",
+            metrics_files.VARIABLE,
+        )
+    else:
         metrics_files.clean(path)
 
 
