@@ -1,7 +1,8 @@
 """The outbox's gauges, read from the database when Prometheus scrapes: the queue's depth by
-priority and state, and how long the oldest waiting delivery has been due.
+priority and state (and the deliveries in every state), and how long the oldest waiting
+delivery has been due.
 
-Both are bounded at any outbox size: the depth reads the per-campaign state counts that
+Both are bounded at any outbox size: the counts are the per-campaign state counts that
 triggers keep (mailer.counts, a few rows a campaign), and the oldest due time is the first
 entry of the partial index ix_deliveries_due (one index page).
 """
@@ -28,12 +29,12 @@ S = DeliveryState
 WAITING = (S.QUEUED, S.DEFERRED, S.SENDING)
 # a scrape is given this long by the database, less than Prometheus's own default timeout
 STATEMENT_TIMEOUT_MS = 5000
-NAMES = (
-    "mailer_queue_depth",
-    "mailer_oldest_queued_seconds",
-    "mailer_outbox_up",
-    "mailer_outbox_scrape_seconds",
-)
+DEPTH = "mailer_queue_depth"
+EVERY = "mailer_outbox_deliveries"
+OLDEST = "mailer_oldest_queued_seconds"
+UP = "mailer_outbox_up"
+TOOK = "mailer_outbox_scrape_seconds"
+NAMES = (DEPTH, EVERY, OLDEST, UP, TOOK)
 # written as ix_deliveries_due's own predicate, so that the planner matches the partial index
 _DUE_WHERE = text("state IN ('queued', 'deferred')")
 
@@ -41,26 +42,31 @@ _DUE_WHERE = text("state IN ('queued', 'deferred')")
 class Outbox:
     """What one scrape read."""
 
-    def __init__(self, depth: dict[tuple[str, str], int], oldest_due: datetime | None) -> None:
-        self.depth = depth
+    def __init__(self, totals: dict[tuple[str, str], int], oldest_due: datetime | None) -> None:
+        self.totals = totals  # {(priority, state): deliveries}, states with none left out
         self.oldest_due = oldest_due
+
+    def depth(self) -> dict[tuple[str, str], int]:
+        """Deliveries not yet done, every waiting state of every priority, 0 where none."""
+        return {
+            (p.value, s.value): self.totals.get((p.value, s.value), 0)
+            for p in Priority
+            for s in WAITING
+        }
 
 
 def read(session: Session, now: datetime) -> Outbox:
-    """The queue's depth ({(priority, state): deliveries}, every waiting state of every
-    priority, 0 where none) and the earliest due time among waiting deliveries due by `now`."""
+    """The deliveries by priority and state, and the earliest due time among waiting
+    deliveries due by `now`."""
     if bulk.postgresql(session):
         session.execute(text(f"SET LOCAL statement_timeout = {STATEMENT_TIMEOUT_MS}"))
     totals = counts.totals(session)
-    depth = {
-        (p.value, s.value): totals.get((p.value, s.value), 0) for p in Priority for s in WAITING
-    }
     oldest = session.execute(
         select(func.min(Delivery.next_attempt_at)).where(
             _DUE_WHERE, Delivery.next_attempt_at <= now
         )
     ).scalar()
-    return Outbox(depth, oldest)
+    return Outbox(totals, oldest)
 
 
 class OutboxCollector(Collector):
@@ -78,21 +84,29 @@ class OutboxCollector(Collector):
                 outbox = read(session, now)
         except SQLAlchemyError as exc:
             log.warning("metrics: the outbox could not be read: %s", str(exc).splitlines()[0])
-            yield GaugeMetricFamily(NAMES[2], "1 if this scrape read the outbox, else 0", 0)
+            yield GaugeMetricFamily(UP, "1 if this scrape read the outbox, else 0", 0)
             return
         depth = GaugeMetricFamily(
-            NAMES[0], "Deliveries not yet done, by priority and state", labels=["priority", "state"]
+            DEPTH, "Deliveries not yet done, by priority and state", labels=["priority", "state"]
         )
-        for (priority, state), n in sorted(outbox.depth.items()):
+        for (priority, state), n in sorted(outbox.depth().items()):
             depth.add_metric([priority, state], n)
         yield depth
+        every = GaugeMetricFamily(
+            EVERY,
+            "Deliveries in the outbox, by priority and state (final ones until purged)",
+            labels=["priority", "state"],
+        )
+        for (priority, state), n in sorted(outbox.totals.items()):
+            every.add_metric([priority, state], n)
+        yield every
         waited = (now - outbox.oldest_due).total_seconds() if outbox.oldest_due else 0.0
         yield GaugeMetricFamily(
-            NAMES[1],
+            OLDEST,
             "How long the longest-waiting queued or deferred delivery has been due (0: none)",
             max(waited, 0.0),
         )
-        yield GaugeMetricFamily(NAMES[2], "1 if this scrape read the outbox, else 0", 1)
+        yield GaugeMetricFamily(UP, "1 if this scrape read the outbox, else 0", 1)
         yield GaugeMetricFamily(
-            NAMES[3], "The time this scrape took to read the outbox", time.perf_counter() - started
+            TOOK, "The time this scrape took to read the outbox", time.perf_counter() - started
         )

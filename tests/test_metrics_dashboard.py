@@ -27,7 +27,8 @@ def exported() -> dict[str, set[str]]:
             for suffix in _SUFFIXES[family.type]:
                 labels = set(metric._labelnames) | ({"le"} if suffix == "_bucket" else set())
                 found[family.name + suffix] = labels
-    depth_labels = {"mailer_queue_depth": {"priority", "state"}}
+    by_state = {"priority", "state"}
+    depth_labels = {"mailer_queue_depth": by_state, "mailer_outbox_deliveries": by_state}
     for name in metrics_outbox.NAMES:
         found[name] = depth_labels.get(name, set())
     return found

@@ -53,20 +53,21 @@ def _outbox(fake: clock.FakeClock) -> None:
 
 
 def _truth() -> tuple[dict[tuple[str, str], int], Any]:
-    """What GROUP BY and min() over the deliveries say."""
+    """What GROUP BY and min() over the deliveries say: {(priority, state): deliveries}, and
+    the earliest due time of those waiting."""
     with db.session_scope() as session:
         rows = session.execute(
             select(Message.priority, Delivery.state, func.count())
             .join(Message, Delivery.message_id == Message.id)
             .group_by(Message.priority, Delivery.state)
         )
-        depth = {(str(p), str(s)): n for p, s, n in rows if str(s) in WAITING}
+        every = {(str(p), str(s)): n for p, s, n in rows}
         oldest = session.scalar(
             select(func.min(Delivery.next_attempt_at)).where(
                 Delivery.state.in_(["queued", "deferred"]), Delivery.next_attempt_at <= clock.now()
             )
         )
-    return depth, oldest
+    return every, oldest
 
 
 def test_the_queue_depth_and_the_oldest_due_agree_with_the_deliveries(
@@ -76,9 +77,17 @@ def test_the_queue_depth_and_the_oldest_due_agree_with_the_deliveries(
     fake = clock.FakeClock()
     with clock.using(fake):
         _outbox(fake)
-        depth, oldest = _truth()
+        every, oldest = _truth()
         seen = gauges(metrics.scrape(metrics.registry()).decode())
+    depth = {key: n for key, n in every.items() if key[1] in WAITING}
     assert depth == {("bulk", "queued"): 4, ("bulk", "deferred"): 1, ("transactional", "queued"): 2}
+    assert every == {**depth, ("bulk", "sent"): 2, ("bulk", "bounced"): 1}
+    kept = {
+        (dict(labels)["priority"], dict(labels)["state"]): n
+        for (name, labels), n in seen.items()
+        if name == "mailer_outbox_deliveries"
+    }
+    assert kept == every
     for priority in ("bulk", "transactional"):
         for state in WAITING:
             key = ("mailer_queue_depth", (("priority", priority), ("state", state)))

@@ -9,7 +9,7 @@ database at scrape time (mailer.metrics_outbox), not here.
 
 A delivery's `outcome` is its reply's class (mailer.replies.ReplyClass), as the attempts table
 records it: which state that leads to is outcomes.py's decision, and the states are counted in
-the database (mailer_queue_depth).
+the database (mailer_outbox_deliveries, mailer_queue_depth).
 """
 
 from __future__ import annotations
