@@ -12,7 +12,17 @@ import click
 from sqlalchemy.exc import OperationalError, ProgrammingError
 
 from mailer import config, db
-from mailer.cli import audit, campaigns, deliveries, ops, relay, retention, suppressions, web
+from mailer.cli import (
+    audit,
+    campaigns,
+    deliveries,
+    metrics,
+    ops,
+    relay,
+    retention,
+    suppressions,
+    web,
+)
 from mailer.cli.params import hide
 from mailer.errors import MailerError
 
@@ -54,6 +64,7 @@ for _command in (
     # running
     ops.worker_cmd,
     ops.dispatcher_cmd,
+    metrics.metrics_cmd,
     relay.relay_group,
     relay.verify_cmd,
     relay.smtp_group,

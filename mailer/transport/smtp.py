@@ -323,3 +323,9 @@ def close_all() -> None:
         sessions = list(_all_sessions)
     for session in sessions:
         session.close()
+
+
+def open_sessions() -> int:
+    """How many of this process's sessions hold a connection to their relay now."""
+    with _registry:
+        return sum(1 for session in _all_sessions if session._smtp is not None)
