@@ -136,14 +136,15 @@ class DeliveryFilter:
 
     @classmethod
     def from_params(
-        cls, params: Mapping[str, str], *, now: datetime | None = None
+        cls, params: Mapping[str, str], *, now: datetime | None = None, others: bool = False
     ) -> DeliveryFilter:
         """From a query string's or the CLI's values (keys as in FORMS; empty values are left
-        out); ValueError naming the field and the form it accepts."""
+        out); ValueError naming the field and the form it accepts. A key that is not a
+        filter's is an error too, unless `others` (a query string that also pages)."""
         values: dict[str, Any] = {}
         for key, raw in params.items():
             text = (raw or "").strip()
-            if not text:
+            if not text or (others and key not in FORMS):
                 continue
             if key not in FORMS:
                 raise ValueError(f"{key}: not a filter; filters are {', '.join(FORMS)}")
