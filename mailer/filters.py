@@ -13,12 +13,13 @@ import dataclasses
 import re
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from sqlalchemy import ColumnElement, Select, and_, func, or_, select
 from sqlalchemy.orm import Session
 
+from mailer import clock
 from mailer.models import Campaign, Delivery, DeliveryState, Message
 from mailer.replies import ReplyClass
 
@@ -237,10 +238,6 @@ def _parse(key: str, text: str, now: datetime | None) -> Any:
 
 def parse_time(text: str, now: datetime | None = None) -> datetime:
     """ISO 8601 (UTC when no zone is given), or an age such as 30m, 2h, 1d before `now`."""
-    from datetime import timedelta
-
-    from mailer import clock
-
     if text[:-1].isdigit() and text[-1:] in _UNITS:
         return (now or clock.now()) - timedelta(seconds=int(text[:-1]) * _UNITS[text[-1]])
     when = datetime.fromisoformat(text)
