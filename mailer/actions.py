@@ -287,8 +287,10 @@ def preview_campaign(session: Session, campaign_id: int) -> int:
     resume hands out again)."""
     from mailer import queries
 
-    counts = queries.campaign_status(session, campaign_id).counts
-    return sum(counts.get(s.value, 0) for s in _WAITING)
+    queries.campaign(session, campaign_id)  # NotFound
+    waiting = DeliveryFilter(campaign_id=campaign_id, states=_WAITING)
+    # ix_deliveries_message_id_state_updated_at_id: only the waiting deliveries' entries
+    return session.scalar(waiting.ids(session).with_only_columns(func.count())) or 0
 
 
 def pause_campaign(

@@ -228,6 +228,7 @@ def dashboard(scene: Scene) -> dict[str, Callable[[Session], Any]]:
             "preview cancel": lambda s: actions.preview(s, actions.Action.CANCEL, everything),
             "preview suppress": lambda s: actions.preview(s, actions.Action.SUPPRESS, failed),
             "preview unsuppress": lambda s: actions.preview(s, actions.Action.UNSUPPRESS, failed),
+            "preview pause": lambda s: actions.preview_campaign(s, c),
             "suppress by filter": lambda s: actions.suppress(s, operator, failed, now=scene.now),
             "unsuppress by filter": lambda s: actions.unsuppress(s, operator, failed),
             "retry by filter": lambda s: actions.retry(s, operator, failed, now=scene.now),
