@@ -105,7 +105,8 @@ def _row(r: Any) -> DeliveryRow:
 def deliveries_page(
     session: Session, f: DeliveryFilter, after_id: int | None = None, limit: int = 50
 ) -> Page[DeliveryRow]:
-    """The matching deliveries in id order after `after_id`, `limit` at most."""
+    """The matching deliveries in id order after `after_id`, `limit` at most (1 to 1,000)."""
+    limit = max(1, min(limit, 1000))
     query = select(*_ROW).where(*f.where(session), *_within(session, f))
     query = query.order_by(Delivery.id).limit(limit + 1)
     if after_id is not None:
@@ -346,6 +347,7 @@ class AuditRow:
 
 def audit_page(session: Session, after_id: int | None = None, limit: int = 50) -> Page[AuditRow]:
     """The audit log, newest first (by its primary key), after `after_id`."""
+    limit = max(1, min(limit, 1000))
     query = select(AuditEntry).order_by(AuditEntry.id.desc()).limit(limit + 1)
     if after_id is not None:
         query = query.where(AuditEntry.id < after_id)
@@ -372,6 +374,7 @@ def suppressions_page(
     addresses containing it (any case) among the next SEARCH_WINDOW: a page may then hold
     fewer than `limit` rows and still have a next one."""
     text = (search or "").strip().lower()
+    limit = max(1, min(limit, 1000))
     query = select(Suppression).order_by(Suppression.address).limit(limit + 1)
     if after is not None:
         query = query.where(Suppression.address > after)
