@@ -137,15 +137,12 @@ def suppress(
     when = now or clock.now()
     n = 0
     for ids in filters.windows(session, target):
-        chosen = (
-            select(
-                func.lower(Delivery.recipient),
-                literal(reason, type_=Suppression.reason.type),
-                literal(when, type_=Suppression.created_at.type),
-            )
-            .where(Delivery.id.in_(ids))
-            .distinct()
-        )
+        # the filter's own SELECT with other columns: no second scan of deliveries
+        chosen = ids.with_only_columns(
+            func.lower(Delivery.recipient),
+            literal(reason, type_=Suppression.reason.type),
+            literal(when, type_=Suppression.created_at.type),
+        ).distinct()
         insert = db.dialect_insert(session)(Suppression).from_select(
             ["address", "reason", "created_at"], chosen
         )
@@ -179,7 +176,7 @@ def unsuppress(
 
 
 def _addresses(ids: Any) -> Any:
-    return select(func.lower(Delivery.recipient)).where(Delivery.id.in_(ids))
+    return ids.with_only_columns(func.lower(Delivery.recipient))
 
 
 def _count_retry(session: Session, ids: Any, include_suppressed: bool) -> int:
@@ -187,16 +184,14 @@ def _count_retry(session: Session, ids: Any, include_suppressed: bool) -> int:
 
 
 def _count_cancel(session: Session, ids: Any, _include_suppressed: bool) -> int:
-    chosen = select(func.count()).where(Delivery.id.in_(ids), Delivery.state.in_(_WAITING))
+    chosen = ids.with_only_columns(func.count()).where(Delivery.state.in_(_WAITING))
     return session.scalar(chosen) or 0
 
 
 def _count_suppress(session: Session, ids: Any, _include_suppressed: bool) -> int:
     listed = exists().where(Suppression.address == func.lower(Delivery.recipient))
-    chosen = select(func.count(func.distinct(func.lower(Delivery.recipient)))).where(
-        Delivery.id.in_(ids), ~listed
-    )
-    return session.scalar(chosen) or 0
+    chosen = ids.with_only_columns(func.count(func.distinct(func.lower(Delivery.recipient))))
+    return session.scalar(chosen.where(~listed)) or 0
 
 
 def _count_unsuppress(session: Session, ids: Any, _include_suppressed: bool) -> int:
@@ -292,8 +287,10 @@ def preview_campaign(session: Session, campaign_id: int) -> int:
     resume hands out again)."""
     from mailer import queries
 
-    counts = queries.campaign_status(session, campaign_id).counts
-    return sum(counts.get(s.value, 0) for s in _WAITING)
+    queries.campaign(session, campaign_id)  # NotFound
+    waiting = DeliveryFilter(campaign_id=campaign_id, states=_WAITING)
+    # ix_deliveries_message_id_state_updated_at_id: only the waiting deliveries' entries
+    return session.scalar(waiting.ids(session).with_only_columns(func.count())) or 0
 
 
 def pause_campaign(

@@ -105,13 +105,21 @@ def _row(r: Any) -> DeliveryRow:
 def deliveries_page(
     session: Session, f: DeliveryFilter, after_id: int | None = None, limit: int = 50
 ) -> Page[DeliveryRow]:
-    """The matching deliveries in id order after `after_id`, `limit` at most."""
-    query = select(*_ROW).where(*f.where()).order_by(Delivery.id).limit(limit + 1)
+    """The matching deliveries in id order after `after_id`, `limit` at most (1 to 1,000)."""
+    limit = max(1, min(limit, 1000))
+    query = select(*_ROW).where(*f.where(session), *_within(session, f))
+    query = query.order_by(Delivery.id).limit(limit + 1)
     if after_id is not None:
         query = query.where(Delivery.id > after_id)
     rows = [_row(r) for r in session.execute(query)]
     more = len(rows) > limit
     return Page(rows[:limit], rows[limit - 1].id if more else None)
+
+
+def _within(session: Session, f: DeliveryFilter) -> list[Any]:
+    """The campaign's or message's id range (filters.id_bounds), as conditions."""
+    bounds = filters.id_bounds(session, f)
+    return [] if bounds is None else [Delivery.id.between(*bounds)]
 
 
 def export_csv(session: Session, f: DeliveryFilter) -> Iterator[str]:
@@ -120,7 +128,7 @@ def export_csv(session: Session, f: DeliveryFilter) -> Iterator[str]:
     for extra in filters.ranges(session, f):
         query = (
             select(*_ROW)
-            .where(*f.where(), *extra)
+            .where(*f.where(session), *extra, *_within(session, f))
             .order_by(Delivery.id)
             .execution_options(yield_per=2000)
         )
@@ -158,7 +166,8 @@ _NOT_SENT = [s for s in _SETTLED if s is not S.SENT]
 
 
 def breakdown(session: Session, campaign_id: int, top: int = 10) -> Breakdown:
-    messages = select(Message.id).where(Message.campaign_id == campaign_id)
+    # the campaign's messages as values (see DeliveryFilter.where)
+    messages = list(session.scalars(select(Message.id).where(Message.campaign_id == campaign_id)))
     # a sent delivery's last reply is always "delivered" (outcomes._next_state): counted
     # from the states' index alone, the heap is read only for the deliveries not sent
     sent = session.scalar(
@@ -338,6 +347,7 @@ class AuditRow:
 
 def audit_page(session: Session, after_id: int | None = None, limit: int = 50) -> Page[AuditRow]:
     """The audit log, newest first (by its primary key), after `after_id`."""
+    limit = max(1, min(limit, 1000))
     query = select(AuditEntry).order_by(AuditEntry.id.desc()).limit(limit + 1)
     if after_id is not None:
         query = query.where(AuditEntry.id < after_id)
@@ -364,6 +374,7 @@ def suppressions_page(
     addresses containing it (any case) among the next SEARCH_WINDOW: a page may then hold
     fewer than `limit` rows and still have a next one."""
     text = (search or "").strip().lower()
+    limit = max(1, min(limit, 1000))
     query = select(Suppression).order_by(Suppression.address).limit(limit + 1)
     if after is not None:
         query = query.where(Suppression.address > after)

@@ -13,13 +13,14 @@ import dataclasses
 import re
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from sqlalchemy import ColumnElement, Select, and_, func, or_, select
 from sqlalchemy.orm import Session
 
-from mailer.models import Delivery, DeliveryState, Message
+from mailer import clock
+from mailer.models import Campaign, Delivery, DeliveryState, Message
 from mailer.replies import ReplyClass
 
 # the width of the id windows in which a filter without a scope is read (by the primary key)
@@ -88,15 +89,21 @@ class DeliveryFilter:
     def empty(self) -> bool:
         return self == DeliveryFilter()
 
-    def where(self) -> list[ColumnElement[bool]]:
-        """The conditions on `deliveries` (for a statement of the caller's own)."""
-        return [*self._scope(), *self._reply(), *self._rest()]
+    def where(self, session: Session | None = None) -> list[ColumnElement[bool]]:
+        """The conditions on `deliveries` (for a statement of the caller's own). With a
+        session, a campaign's messages are looked up first and given as values, so that the
+        planner estimates from their statistics rather than from a subquery it cannot see
+        into."""
+        return [*self._scope(session), *self._reply(), *self._rest()]
 
-    def _scope(self) -> Iterator[ColumnElement[bool]]:
+    def _scope(self, session: Session | None) -> Iterator[ColumnElement[bool]]:
         d = Delivery
         if self.campaign_id is not None:
             messages = select(Message.id).where(Message.campaign_id == self.campaign_id)
-            yield d.message_id.in_(messages)
+            if session is None:
+                yield d.message_id.in_(messages)
+            else:  # ix_messages_campaign_id
+                yield d.message_id.in_(list(session.scalars(messages)) or [0])
         if self.message_id is not None:
             yield d.message_id == self.message_id
         if self.delivery_id is not None:
@@ -128,22 +135,23 @@ class DeliveryFilter:
         if self.until is not None:
             yield d.updated_at < self.until
 
-    def ids(self) -> Select[Any]:
+    def ids(self, session: Session | None = None) -> Select[Any]:
         """SELECT deliveries.id of the matching deliveries (for outcomes.requeue and kin)."""
-        return select(Delivery.id).where(*self.where())
+        return select(Delivery.id).where(*self.where(session))
 
     # --- the front ends' forms ----------------------------------------------------------------
 
     @classmethod
     def from_params(
-        cls, params: Mapping[str, str], *, now: datetime | None = None
+        cls, params: Mapping[str, str], *, now: datetime | None = None, others: bool = False
     ) -> DeliveryFilter:
         """From a query string's or the CLI's values (keys as in FORMS; empty values are left
-        out); ValueError naming the field and the form it accepts."""
+        out); ValueError naming the field and the form it accepts. A key that is not a
+        filter's is an error too, unless `others` (a query string that also pages)."""
         values: dict[str, Any] = {}
         for key, raw in params.items():
             text = (raw or "").strip()
-            if not text:
+            if not text or (others and key not in FORMS):
                 continue
             if key not in FORMS:
                 raise ValueError(f"{key}: not a filter; filters are {', '.join(FORMS)}")
@@ -230,10 +238,6 @@ def _parse(key: str, text: str, now: datetime | None) -> Any:
 
 def parse_time(text: str, now: datetime | None = None) -> datetime:
     """ISO 8601 (UTC when no zone is given), or an age such as 30m, 2h, 1d before `now`."""
-    from datetime import timedelta
-
-    from mailer import clock
-
     if text[:-1].isdigit() and text[-1:] in _UNITS:
         return (now or clock.now()) - timedelta(seconds=int(text[:-1]) * _UNITS[text[-1]])
     when = datetime.fromisoformat(text)
@@ -280,7 +284,57 @@ def ranges(
         yield [Delivery.id >= start, Delivery.id < start + width]
 
 
+# (database, scope, its id, its row's created_at) -> the ids' range; see id_bounds
+_BOUNDS: dict[tuple[str, str, int, datetime], tuple[int, int]] = {}
+_BOUNDS_KEPT = 4096
+
+
+def id_bounds(session: Session, f: DeliveryFilter) -> tuple[int, int] | None:
+    """The smallest and largest delivery id of `f`'s campaign or message (None: `f` has
+    neither). A page in id order starts and ends there: the primary key's walk, which serves
+    ORDER BY id LIMIT, would otherwise read every older delivery before the scope's first
+    (and every newer one after a rare filter's last match). The range is fixed once the
+    deliveries are committed (nothing is added to a message later, and a purge only narrows
+    it), so it is read once a process, from the index of settled deliveries (id is in it)
+    and the few in flight (ix_deliveries_leased)."""
+    if f.message_id is not None:
+        born = select(Message.created_at).where(Message.id == f.message_id)
+        scope, key_id = "message", f.message_id
+        messages: Any = [f.message_id]
+    elif f.campaign_id is not None:
+        born = select(Campaign.created_at).where(Campaign.id == f.campaign_id)
+        scope, key_id = "campaign", f.campaign_id
+        messages = select(Message.id).where(Message.campaign_id == f.campaign_id)
+    else:
+        return None
+    created = session.scalar(born)
+    if created is None:
+        return (1, 0)  # no such campaign or message: an empty range
+    key = (str(session.connection().engine.url), scope, key_id, created)
+    if key not in _BOUNDS:
+        found = _range(session, messages)
+        if found is None:
+            return (1, 0)  # not committed yet, or purged: nothing to keep
+        if len(_BOUNDS) >= _BOUNDS_KEPT:
+            _BOUNDS.clear()
+        _BOUNDS[key] = found
+    return _BOUNDS[key]
+
+
+def _range(session: Session, messages: Any) -> tuple[int, int] | None:
+    d = Delivery
+    sides = [
+        session.execute(
+            select(func.min(d.id), func.max(d.id)).where(d.message_id.in_(messages), state)
+        ).one()
+        for state in (d.state != DeliveryState.SENDING, d.state == DeliveryState.SENDING)
+    ]
+    lows = [low for low, _ in sides if low is not None]
+    highs = [high for _, high in sides if high is not None]
+    return (min(lows), max(highs)) if lows else None
+
+
 def windows(session: Session, f: DeliveryFilter, width: int = WINDOW) -> Iterator[Select[Any]]:
     """`f.ids()`, whole when it is scoped, else window by window (`ranges`)."""
     for extra in ranges(session, f, width):
-        yield f.ids().where(*extra)
+        yield f.ids(session).where(*extra)

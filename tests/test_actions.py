@@ -153,3 +153,14 @@ def test_a_bad_filter_option_is_a_usage_error_naming_it(any_db: str) -> None:
     assert out.exit_code == 2 and "--enhanced" in out.output
     out = CliRunner().invoke(cli, ["cancel", "--state", "queued"])
     assert out.exit_code == 2 and "say what to cancel" in out.output
+
+
+def test_a_filter_without_scope_acts_window_by_window(any_db: str) -> None:
+    _campaign()
+    runner = CliRunner()
+    out = runner.invoke(cli, ["retry", "--code", "5xx", "--state", "failed", "--dry-run"])
+    assert "3 deliveries would be queued again" in out.output, out.output
+    out = runner.invoke(cli, ["retry", "--enhanced", "5.7.1", "--state", "failed"])
+    assert "3 deliveries queued again" in out.output, out.output
+    [entry] = _audit()
+    assert entry.target == {"states": ["failed"], "enhanced": "5.7.1"} and entry.count == 3

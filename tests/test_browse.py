@@ -10,7 +10,7 @@ from datetime import UTC, datetime
 import pytest
 
 import mailer
-from mailer import actions, browse, db, suppressions
+from mailer import actions, browse, db, filters, suppressions
 from mailer.actions import Actor, Role
 from mailer.delivery import deliver_chunk
 from mailer.filters import DeliveryFilter
@@ -136,3 +136,19 @@ def test_suppressions_page_searches_in_windows(
     assert len(plain.rows) == 20 and plain.next_after is None
     assert found == [f"user{i:02}@y.example" for i in (0, 5, 10, 15)]
     assert pages >= 3  # a window reads six addresses at most
+
+
+def test_a_page_keeps_to_its_campaigns_ids(any_db: str) -> None:
+    first = _campaign(6)
+    second = mailer.send_campaign(
+        "welcome", [{"email": f"s{i}@d.example", "name": "x"} for i in range(3)]
+    ).campaign_id
+    with db.session_scope() as session:
+        low, high = filters.id_bounds(session, DeliveryFilter(campaign_id=second)) or (0, 0)
+        page = browse.deliveries_page(session, DeliveryFilter(campaign_id=second))
+        none = browse.deliveries_page(session, DeliveryFilter(campaign_id=first, code="421"))
+        missing = filters.id_bounds(session, DeliveryFilter(campaign_id=999))
+    assert [r.recipient for r in page.rows] == ["s0@d.example", "s1@d.example", "s2@d.example"]
+    assert (low, high) == (page.rows[0].id, page.rows[-1].id) and low > 6
+    assert none.rows == [] and none.next_after is None
+    assert missing == (1, 0)  # no such campaign: an empty range

@@ -42,6 +42,10 @@ def test_empty_values_are_left_out_and_ages_are_before_now() -> None:
     now = datetime(2026, 12, 7, 12, tzinfo=UTC)
     f = DeliveryFilter.from_params({"campaign": "7", "code": "", "since": "2h"}, now=now)
     assert f == DeliveryFilter(campaign_id=7, since=now - timedelta(hours=2))
+    paged = {"campaign": "7", "after": "120"}
+    assert DeliveryFilter.from_params(paged, others=True) == DeliveryFilter(campaign_id=7)
+    with pytest.raises(ValueError, match="after: not a filter"):
+        DeliveryFilter.from_params(paged)
 
 
 @pytest.mark.parametrize(
