@@ -231,4 +231,5 @@ def test_a_reply_holding_markup_and_a_script_is_shown_as_text(
         assert driver.execute_script("return document.getElementById('injected') === null")
         assert "<script>window.pwned = 1; alert('pwned')</script>" in _text(driver)
         assert '<b id="injected">bold</b>' in _text(driver)
-    _screenshot(driver, "escaped-reply")
+        if path.startswith("/recipients"):
+            _screenshot(driver, "escaped-reply")
