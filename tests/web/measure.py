@@ -1,10 +1,10 @@
 """Each dashboard page's server time on a big outbox (a measurement, not a test):
 
-    .venv/bin/python tests/web/measure.py [DELIVERIES] [ROUNDS]
+    PYTHONPATH=. .venv/bin/python tests/web/measure.py [DELIVERIES] [ROUNDS] [CAMPAIGN_SIZE]
 
-Builds an outbox of its own (tests/outbox_scale.py: campaigns of 100,000, two attempts a
-delivery) in a schema it drops at the end, then requests each page ROUNDS times through the
-app in this process and prints p50 and p95 of the time the app took.
+Builds an outbox of its own (tests/outbox_scale.py: campaigns of CAMPAIGN_SIZE, by default
+100,000, two attempts a delivery) in a schema it drops at the end, then requests each page
+ROUNDS times through the app in this process and prints p50 and p95 of the time the app took.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from tests.conftest import PG_URL
 from tests.web.conftest import PASSWORD, sign_in, web_settings
 
 
-def pages(campaigns: int) -> list[str]:
+def pages(campaigns: int, size: int) -> list[str]:
     last = campaigns
     return [
         "/",
@@ -34,7 +34,7 @@ def pages(campaigns: int) -> list[str]:
         f"/campaigns/{last}/live",
         f"/campaigns/{last}?state=failed",
         f"/campaigns/{last}?state=deferred&domain=example7.com",
-        f"/campaigns/{last}?reply=ok&after={(last - 1) * 100_000 + 50_000}",
+        f"/campaigns/{last}?reply=ok&after={(last - 1) * size + size // 2}",
         "/recipients?q=user999901@example1.com",
         "/suppressions",
         "/suppressions?q=user12",
@@ -44,11 +44,14 @@ def pages(campaigns: int) -> list[str]:
     ]
 
 
-def main(deliveries: int, rounds: int) -> None:
+def main(deliveries: int, rounds: int, campaign_size: int) -> None:
     schema = f"mailer_webmeasure_{os.getpid()}"
     started = time.perf_counter()
-    outbox = outbox_scale.build(PG_URL, schema, deliveries)
-    print(f"built {deliveries:,} deliveries in {time.perf_counter() - started:.0f} s")
+    outbox = outbox_scale.build(PG_URL, schema, deliveries, campaign_size=campaign_size)
+    print(
+        f"built {deliveries:,} deliveries in campaigns of {campaign_size:,} "
+        f"in {time.perf_counter() - started:.0f} s"
+    )
     os.environ["MAILER_DATABASE_URL"] = outbox.url
     config.reload()
     db.reset()
@@ -60,7 +63,7 @@ def main(deliveries: int, rounds: int) -> None:
         with TestClient(app) as client:
             sign_in(client, "measure")
             print(f"{'page':62} {'p50 ms':>7} {'p95 ms':>7}")
-            for path in pages(outbox.campaigns):
+            for path in pages(outbox.campaigns, campaign_size):
                 times = []
                 for _ in range(rounds):
                     t = time.perf_counter()
@@ -79,7 +82,6 @@ def main(deliveries: int, rounds: int) -> None:
 
 
 if __name__ == "__main__":
-    main(
-        int(sys.argv[1]) if len(sys.argv) > 1 else 1_000_000,
-        int(sys.argv[2]) if len(sys.argv) > 2 else 20,
-    )
+    args = [int(a) for a in sys.argv[1:]]
+    defaults = [1_000_000, 20, 100_000]
+    main(*(args + defaults[len(args) :]))
