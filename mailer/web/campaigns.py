@@ -29,7 +29,6 @@ FIELDS = [k for k in FORMS if k not in ("campaign", "message", "delivery")]
 @dataclass(frozen=True)
 class CampaignView:
     status: queries.CampaignStatus
-    breakdown: browse.Breakdown
     deliveries: browse.Page[browse.DeliveryRow]
 
 
@@ -49,9 +48,14 @@ def read(campaign_id: int, f: DeliveryFilter, after: int | None) -> CampaignView
     with db.read_scope() as session:
         return CampaignView(
             status=queries.campaign_status(session, campaign_id),
-            breakdown=browse.breakdown(session, campaign_id),
             deliveries=browse.deliveries_page(session, f, after, PAGE_SIZE),
         )
+
+
+def _breakdown(campaign_id: int) -> browse.Breakdown:
+    with db.read_scope() as session:
+        queries.campaign(session, campaign_id)  # NotFound for a campaign that is not
+        return browse.breakdown(session, campaign_id)
 
 
 def _status(campaign_id: int) -> queries.CampaignStatus:
@@ -95,6 +99,19 @@ async def live(request: Request) -> Response:
     return page(request, "campaign_live.html", status=status)
 
 
+async def breakdown(request: Request) -> Response:
+    """The counts by reply class and domain: a fragment of its own, which the page loads after
+    it is shown (it reads the whole campaign's index entries, the rest of the page does not)."""
+    campaign_id = int(request.path_params["campaign_id"])
+    try:
+        found = await run_in_threadpool(_breakdown, campaign_id)
+    except MailerError as exc:
+        return failed(request, exc)
+    # htmx asks for the fragment; a link followed without it gets a whole page
+    name = "campaign_breakdown" + ("" if request.headers.get("hx-request") else "_page")
+    return page(request, f"{name}.html", breakdown=found, campaign_id=campaign_id)
+
+
 async def export(request: Request) -> Response:
     campaign_id = int(request.path_params["campaign_id"])
     try:
@@ -119,5 +136,6 @@ def routes() -> Iterable[PageRoute]:
     return [
         PageRoute("/campaigns/{campaign_id:int}", show),
         PageRoute("/campaigns/{campaign_id:int}/live", live),
+        PageRoute("/campaigns/{campaign_id:int}/breakdown", breakdown),
         PageRoute("/campaigns/{campaign_id:int}/export.csv", export),
     ]

@@ -32,6 +32,7 @@ def pages(campaigns: int, size: int) -> list[str]:
         "/live/overview",
         f"/campaigns/{last}",
         f"/campaigns/{last}/live",
+        f"/campaigns/{last}/breakdown",
         f"/campaigns/{last}?state=failed",
         f"/campaigns/{last}?state=deferred&domain=example7.com",
         f"/campaigns/{last}?reply=ok&after={(last - 1) * size + size // 2}",

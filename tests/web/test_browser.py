@@ -106,7 +106,7 @@ def test_sign_in_and_find_a_bounced_recipient_and_its_attempts(
     assert "December <news> & offers" in _text(driver)
     _screenshot(driver, "overview")
     driver.find_element(By.LINK_TEXT, "December <news> & offers").click()
-    _wait_for(driver, "#campaign-live")
+    _wait_for(driver, "section#breakdown")  # loaded by htmx after the page
     _screenshot(driver, "campaign")
     driver.find_element(By.LINK_TEXT, "Recipients").click()
     _wait_for(driver, "#q").send_keys(scenario.GONE[0])

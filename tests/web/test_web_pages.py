@@ -53,8 +53,10 @@ def test_a_campaign_page_filters_and_pages_by_key(
     client: TestClient, operator: str, data: scenario.Scenario
 ) -> None:
     url = f"/campaigns/{data.campaign_id}"
-    html = client.get(url).text
-    assert "hard_bounce" in html and "example.com" in html
+    assert 'hx-get="/campaigns/1/breakdown"' in client.get(url).text
+    fragment = client.get(f"{url}/breakdown", headers={"HX-Request": "true"}).text
+    assert "hard_bounce" in fragment and "example.com" in fragment and "<html" not in fragment
+    assert "<html" in client.get(f"{url}/breakdown").text
     bounced = client.get(url, params={"state": "bounced"}).text
     assert all(a in bounced for a in scenario.GONE) and scenario.GOOD[0] not in bounced
     by_enhanced = client.get(url, params={"enhanced": "5.7"}).text
