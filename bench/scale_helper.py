@@ -74,15 +74,15 @@ def status(campaign_id: int) -> dict[str, Any]:
 
 
 def retry(campaign_id: int) -> dict[str, Any]:
-    from mailer import db, outcomes, queries
+    from mailer import db, outcomes
+    from mailer.filters import DeliveryFilter
     from mailer.models import DeliveryState as S
 
     states = [S.FAILED, S.EXPIRED, S.UNKNOWN]  # retry's default
 
     def call() -> int:
         with db.session_scope() as session:
-            selection = queries.Selection(campaign_id, None, states, None, None)
-            ids = selection.ids()
+            ids = DeliveryFilter(campaign_id=campaign_id, states=tuple(states)).ids()
             return int(outcomes.retry_candidates(session, ids, include_suppressed=False))
 
     return _timed(call)

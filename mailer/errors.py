@@ -74,3 +74,7 @@ class RelayError(MailerError):
 
 class DatabaseUnavailable(MailerError):
     """The database did not answer within the retry budget."""
+
+
+class PermissionDenied(MailerError):
+    """The actor's role does not allow this action (a viewer acts on nothing)."""

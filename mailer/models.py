@@ -243,6 +243,8 @@ class Delivery(Base):
     last_code: Mapped[int | None] = mapped_column(Integer)
     last_enhanced: Mapped[str | None] = mapped_column(String(16))
     last_reply: Mapped[str | None] = mapped_column(Text)
+    # replies.ReplyClass of the last reply, written with the outcome (migration 0007)
+    last_class: Mapped[str | None] = mapped_column(String(24))
     created_at: Mapped[datetime]
     updated_at: Mapped[datetime]
 
@@ -287,6 +289,21 @@ class Suppression(Base):
         BigId, ForeignKey("deliveries.id", ondelete="SET NULL")
     )
     created_at: Mapped[datetime]
+
+
+class AuditEntry(Base):
+    """One operator action, as carried out: who, when, what it aimed at and how many rows."""
+
+    __tablename__ = "audit_log"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    at: Mapped[datetime]
+    actor: Mapped[str] = mapped_column(String(200))
+    role: Mapped[str] = mapped_column(String(16))
+    action: Mapped[str] = mapped_column(String(32))
+    # the filter (DeliveryFilter.as_dict), the addresses or the campaign the action was aimed at
+    target: Mapped[dict[str, Any]]
+    count: Mapped[int] = mapped_column(BigInteger)
 
 
 class Relay(Base):

@@ -194,6 +194,7 @@ def _state_row(v: Verdict, c: Claimed, settings: Settings, now: datetime) -> dic
         "last_code": v.reply.code,
         "last_enhanced": v.reply.enhanced,
         "last_reply": v.reply.text,
+        "last_class": v.klass,
     }
 
 

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Select, select
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from mailer import counts
@@ -97,40 +97,3 @@ def report(
             "reply": row.last_reply or "",
             "updated_at": row.updated_at.isoformat(),
         }
-
-
-@dataclass
-class Selection:
-    """Which deliveries an operator means: by campaign or message, state, last code, age."""
-
-    campaign_id: int | None = None
-    message_id: int | None = None
-    states: list[DeliveryState] | None = None
-    code: str | None = None  # "4xx", "5xx" or an exact code such as "550"
-    since: datetime | None = None
-
-    def ids(self) -> Select[Any]:
-        query = select(Delivery.id).join(Message, Delivery.message_id == Message.id)
-        if self.campaign_id is not None:
-            query = query.where(Message.campaign_id == self.campaign_id)
-        if self.message_id is not None:
-            query = query.where(Delivery.message_id == self.message_id)
-        if self.states:
-            query = query.where(Delivery.state.in_(self.states))
-        if self.code is not None:
-            low, high = code_range(self.code)
-            query = query.where(Delivery.last_code.between(low, high))
-        if self.since is not None:
-            query = query.where(Delivery.updated_at >= self.since)
-        return query
-
-
-def code_range(code: str) -> tuple[int, int]:
-    """ "4xx" -> (400, 499); "550" -> (550, 550); ValueError with the accepted forms."""
-    text = code.strip().lower()
-    if len(text) == 3 and text[0] in "245" and text[1:] == "xx":
-        base = int(text[0]) * 100
-        return base, base + 99
-    if len(text) == 3 and text.isdigit() and text[0] in "245":
-        return int(text), int(text)
-    raise ValueError(f"{code!r} is not a reply code: use 4xx, 5xx or a code such as 550")

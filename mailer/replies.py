@@ -285,6 +285,117 @@ def _too_many_recipients(
     return detail == _TOO_MANY_RECIPIENTS or by_text
 
 
+def explain(reply: SMTPReply, phase: Phase) -> tuple[ReplyClass, str]:
+    """classify()'s verdict and its reason, in a sentence for an operator (the dashboard's
+    "why"). Not on the worker's path: it judges the reply again, with the same rules."""
+    klass = classify(reply, phase)
+    return klass, _REASONS[klass](reply, phase)
+
+
+def _why_delivered(reply: SMTPReply, phase: Phase) -> str:
+    return "the server accepted the message"
+
+
+def _why_ambiguous(reply: SMTPReply, phase: Phase) -> str:
+    return (
+        "no clear verdict after the final '.': the server may have stored the message, so it "
+        "is held as unknown (or retried with MAILER_AMBIGUOUS=retry)"
+    )
+
+
+def _why_connection(reply: SMTPReply, phase: Phase) -> str:
+    if reply.code is None:
+        what = f"the connection failed at {phase.value} ({reply.text})"
+    elif reply.code == ReplyCode.SERVICE_UNAVAILABLE:
+        what = "421: the server closed the session"
+    else:
+        what = f"a temporary refusal ({reply.code}) before the transaction"
+    return f"{what}: the relay rests and tries again; no attempt of the recipient is spent"
+
+
+def _why_throttled(reply: SMTPReply, phase: Phase) -> str:
+    return (
+        "the server limits how fast we send (4.7.x): the relay rests and tries again; no "
+        "attempt of the recipient is spent"
+    )
+
+
+def _why_configuration(reply: SMTPReply, phase: Phase) -> str:
+    if reply.code is None:
+        what = f"{phase.value} failed ({reply.text})"
+    elif _RELAY_DENIED.search(reply.text):
+        what = "the relay will not relay for us (credentials or relay settings)"
+    elif reply.code in _AUTH_CODES:
+        what = f"the relay refused authentication or asks for encryption ({reply.code})"
+    elif phase in _BEFORE_TRANSACTION and reply.code >= 500:
+        what = f"the relay refused the session at {phase.value} ({reply.code})"
+    else:
+        what = "not an SMTP server's answer: a wrong host, port or TLS mode"
+    return f"{what}: the relay is paused until `mailer relay resume`; the recipient waits queued"
+
+
+def _why_transient(reply: SMTPReply, phase: Phase) -> str:
+    detail = _agreeing_detail(reply)
+    if detail == _MAILBOX_FULL or (phase is Phase.RCPT and reply.code == 552):
+        return "the mailbox is full: retried by policy, since its owner may clear it"
+    if _GREYLIST.search(reply.text):
+        return "greylisting: the server asks us to come back later; retried on the schedule"
+    return f"a temporary failure ({reply.code}): retried on the schedule"
+
+
+def _why_too_many(reply: SMTPReply, phase: Phase) -> str:
+    return "too many recipients in one transaction: the rest go in a new one"
+
+
+def _why_bounced(reply: SMTPReply, phase: Phase) -> str:
+    return (
+        f"{reply.enhanced} in reply to RCPT: the address does not exist or cannot receive "
+        "mail; it was put on the suppression list"
+    )
+
+
+def _why_failed(reply: SMTPReply, phase: Phase) -> str:
+    detail = _agreeing_detail(reply)
+    if reply.code is None:
+        return f"refused here before the server saw it: {reply.text}"
+    if detail is None or detail == _UNDEFINED or detail[0] == _SAYS_NOTHING_MORE:
+        return (
+            f"a permanent refusal ({reply.code}) without an enhanced code naming the address: "
+            "servers also refuse so for policy, so the message failed and the address is not "
+            "suppressed"
+        )
+    if _is_policy(detail):
+        return (
+            f"a policy refusal ({reply.enhanced}: spam, DMARC, a blocked sender): the message "
+            "failed; the address is not suppressed"
+        )
+    return (
+        f"a permanent refusal of this message or its sender ({reply.enhanced}): the message "
+        "failed; the address is not suppressed"
+    )
+
+
+def _why_protocol(reply: SMTPReply, phase: Phase) -> str:
+    return (
+        f"the server did not accept our command ({reply.code if reply.code else 'no code'}): "
+        "a fault on one side; the message failed and it was logged"
+    )
+
+
+_REASONS = {
+    ReplyClass.DELIVERED: _why_delivered,
+    ReplyClass.AMBIGUOUS: _why_ambiguous,
+    ReplyClass.CONNECTION: _why_connection,
+    ReplyClass.THROTTLED: _why_throttled,
+    ReplyClass.CONFIGURATION: _why_configuration,
+    ReplyClass.TRANSIENT: _why_transient,
+    ReplyClass.TOO_MANY_RECIPIENTS: _why_too_many,
+    ReplyClass.HARD_BOUNCE: _why_bounced,
+    ReplyClass.MESSAGE_FAILURE: _why_failed,
+    ReplyClass.PROTOCOL: _why_protocol,
+}
+
+
 def vrfy_meaning(reply: SMTPReply) -> str:
     """What a reply to VRFY says about the address (RFC 5321 3.5.3)."""
     code = reply.code

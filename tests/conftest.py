@@ -130,7 +130,16 @@ def sqlite_db(sqlite_template: Path, tmp_path: Path, configure_env: Configure) -
     return url
 
 
-TABLES = ["attempts", "suppressions", "deliveries", "messages", "campaigns", "templates", "relays"]
+TABLES = [
+    "audit_log",
+    "attempts",
+    "suppressions",
+    "deliveries",
+    "messages",
+    "campaigns",
+    "templates",
+    "relays",
+]
 
 
 @pytest.fixture

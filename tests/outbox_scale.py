@@ -20,6 +20,15 @@ _STATE = """CASE
     WHEN i % 100 < 96 THEN 'unknown'
     ELSE 'queued' END"""
 
+# the class of the last reply that led to each state (none for what was never tried)
+_CLASS = """CASE
+    WHEN i % 100 < 88 THEN 'delivered'
+    WHEN i % 100 < 92 THEN 'transient'
+    WHEN i % 100 < 94 THEN 'message_failure'
+    WHEN i % 100 < 95 THEN 'hard_bounce'
+    WHEN i % 100 < 96 THEN 'ambiguous'
+    END"""
+
 
 @dataclass(frozen=True)
 class Outbox:
@@ -35,8 +44,15 @@ def url_for(base: str, schema: str) -> str:
     return f"{base}{sep}options=-csearch_path%3D{schema}"
 
 
-def build(base: str, schema: str, deliveries: int, *, attempts_each: int = 2) -> Outbox:
-    """Drop and build `schema` with `deliveries` deliveries in campaigns of CAMPAIGN_SIZE
+def build(
+    base: str,
+    schema: str,
+    deliveries: int,
+    *,
+    attempts_each: int = 2,
+    campaign_size: int = CAMPAIGN_SIZE,
+) -> Outbox:
+    """Drop and build `schema` with `deliveries` deliveries in campaigns of `campaign_size`
     (one message each), `attempts_each` attempts a delivery, then ANALYZE."""
     admin = create_engine(base, isolation_level="AUTOCOMMIT")
     with admin.connect() as conn:
@@ -46,11 +62,11 @@ def build(base: str, schema: str, deliveries: int, *, attempts_each: int = 2) ->
     url = url_for(base, schema)
     migrate.upgrade(url)
     db.reset()
-    campaigns = -(-deliveries // CAMPAIGN_SIZE)
+    campaigns = -(-deliveries // campaign_size)
     eng = create_engine(url)
     try:
         with eng.begin() as conn:
-            _fill(conn, deliveries, campaigns, attempts_each)
+            _fill(conn, deliveries, campaigns, attempts_each, campaign_size)
         with eng.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
             conn.execute(text("VACUUM ANALYZE"))
     finally:
@@ -58,7 +74,9 @@ def build(base: str, schema: str, deliveries: int, *, attempts_each: int = 2) ->
     return Outbox(url, schema, deliveries, deliveries * attempts_each, campaigns)
 
 
-def _fill(conn: object, deliveries: int, campaigns: int, attempts_each: int) -> None:
+def _fill(
+    conn: object, deliveries: int, campaigns: int, attempts_each: int, campaign_size: int
+) -> None:
     run = conn.execute  # type: ignore[attr-defined]
     run(
         text(
@@ -86,8 +104,8 @@ def _fill(conn: object, deliveries: int, campaigns: int, attempts_each: int) -> 
     run(
         text(
             "INSERT INTO deliveries (id, message_id, recipient, domain, context, state, "
-            "attempts, next_attempt_at, published_at, last_code, last_reply, created_at, "
-            "updated_at) "
+            "attempts, next_attempt_at, published_at, last_code, last_reply, last_class, "
+            "created_at, updated_at) "
             "SELECT i, (i - 1) / :size + 1, 'user' || i || '@example' || (i % 100) || '.com', "
             "'example' || (i % 100) || '.com', jsonb_build_object('name', 'N' || i), "
             f"{_STATE}, 2, "
@@ -95,10 +113,10 @@ def _fill(conn: object, deliveries: int, campaigns: int, attempts_each: int) -> 
             "     WHEN i % 100 >= 88 AND i % 100 < 92 THEN now() + interval '1 hour' "
             "     ELSE now() - interval '1 day' END, "
             "now() - interval '1 day', 250, '250 2.0.0 Ok', "
-            "now() - interval '2 days', now() - interval '1 day' "
+            f"{_CLASS}, now() - interval '2 days', now() - interval '1 day' "
             "FROM generate_series(1, :n) i"
         ),
-        {"n": deliveries, "size": CAMPAIGN_SIZE},
+        {"n": deliveries, "size": campaign_size},
     )
     run(
         text(

@@ -20,6 +20,8 @@ from sqlalchemy import Engine, event
 from sqlalchemy.orm import Session
 
 from mailer import (
+    actions,
+    browse,
     bulk,
     clock,
     config,
@@ -32,7 +34,9 @@ from mailer import (
     suppressions,
 )
 from mailer.config import load
+from mailer.filters import DeliveryFilter
 from mailer.models import Delivery, DeliveryState, Priority
+from mailer.replies import ReplyClass
 
 S = DeliveryState
 WATCHED = ("deliveries", "attempts")
@@ -115,6 +119,7 @@ class Scene:
     deliveries: int
     campaign: int  # a campaign to act on (its message has the same id)
     now: datetime
+    campaign_size: int = 100_000
 
     def deferred_ids(self, n: int) -> list[int]:
         # deliveries whose number is 88-91 modulo 100 wait for a retry an hour from now
@@ -171,8 +176,8 @@ def dispatcher_pass(scene: Scene, *, due: bool) -> Callable[[Session], Any]:
 
 
 def cli(scene: Scene) -> dict[str, Callable[[Session], Any]]:
-    chosen = queries.Selection(campaign_id=scene.campaign, states=[S.FAILED, S.UNKNOWN])
-    everything = queries.Selection(campaign_id=scene.campaign)
+    chosen = DeliveryFilter(campaign_id=scene.campaign, states=(S.FAILED, S.UNKNOWN))
+    everything = DeliveryFilter(campaign_id=scene.campaign)
     addresses = [f"someone{i}@example.org" for i in range(100)]
     return {
         "status": lambda s: queries.campaign_status(s, scene.campaign),
@@ -187,12 +192,58 @@ def cli(scene: Scene) -> dict[str, Callable[[Session], Any]]:
     }
 
 
+def _page(f: DeliveryFilter, after: int | None = None) -> Callable[[Session], Any]:
+    return lambda s: browse.deliveries_page(s, f, after)
+
+
+def dashboard(scene: Scene) -> dict[str, Callable[[Session], Any]]:
+    """The web's pages (browse.py) and the actions' dry runs and bulk statements."""
+    c = scene.campaign
+    first = (c - 1) * scene.campaign_size + 1
+    someone = f"user{first + 7}@example{(first + 7) % 100}.com"
+    everything = DeliveryFilter(campaign_id=c)
+    failed = DeliveryFilter(campaign_id=c, states=(S.FAILED, S.UNKNOWN))
+    pages = {
+        "page: campaign": everything,
+        "page: campaign, failed": failed,
+        "page: campaign, class": DeliveryFilter(campaign_id=c, reply_class=ReplyClass.HARD_BOUNCE),
+        "page: campaign, domain": DeliveryFilter(campaign_id=c, domain="example7.com"),
+        "page: campaign, 4xx, reply text": DeliveryFilter(
+            campaign_id=c, code="4xx", reply_contains="ok"
+        ),
+        "page: recipient": DeliveryFilter(recipient=someone),
+    }
+    operator = actions.Actor("plans", actions.Role.OPERATOR)
+    out = {name: _page(f) for name, f in pages.items()}
+    out["page: campaign, next"] = _page(everything, first + 50)
+    out.update(
+        {
+            "breakdown": lambda s: browse.breakdown(s, c),
+            "recipient history": lambda s: browse.recipient_history(s, someone),
+            "export csv": lambda s: list(itertools.islice(browse.export_csv(s, failed), 100)),
+            "audit page": lambda s: browse.audit_page(s, None),
+            "suppressions page": lambda s: browse.suppressions_page(s, None, "user5"),
+            "suppressions search": lambda s: browse.suppressions_page(s, "example7.", "user5"),
+            "preview retry": lambda s: actions.preview(s, actions.Action.RETRY, failed),
+            "preview cancel": lambda s: actions.preview(s, actions.Action.CANCEL, everything),
+            "preview suppress": lambda s: actions.preview(s, actions.Action.SUPPRESS, failed),
+            "preview unsuppress": lambda s: actions.preview(s, actions.Action.UNSUPPRESS, failed),
+            "preview pause": lambda s: actions.preview_campaign(s, c),
+            "suppress by filter": lambda s: actions.suppress(s, operator, failed, now=scene.now),
+            "unsuppress by filter": lambda s: actions.unsuppress(s, operator, failed),
+            "retry by filter": lambda s: actions.retry(s, operator, failed, now=scene.now),
+        }
+    )
+    return out
+
+
 def scenes(scene: Scene) -> dict[str, Callable[[Session], Any]]:
     return {
         "worker chunk": worker_chunk(scene),
         "dispatcher pass (none due)": dispatcher_pass(scene, due=False),
         "dispatcher pass (due)": dispatcher_pass(scene, due=True),
         **cli(scene),
+        **dashboard(scene),
     }
 
 
@@ -215,12 +266,17 @@ def main() -> None:
     n = int(sys.argv[1]) if len(sys.argv) > 1 else 1_000_000
     schema = os.environ.get("PLANS_SCHEMA", "s1_scale")
     if os.environ.get("PLANS_BUILD") == "1":
-        outbox_scale.build(base, schema, n)
+        size = int(os.environ.get("PLANS_CAMPAIGN_SIZE", "100000"))
+        outbox_scale.build(base, schema, n, campaign_size=size)
     url = outbox_scale.url_for(base, schema)
     os.environ["MAILER_DATABASE_URL"] = url
     config.reload()
-    scene = Scene(n, 5, clock.now())
+    size = int(os.environ.get("PLANS_CAMPAIGN_SIZE", "100000"))
+    scene = Scene(n, int(os.environ.get("PLANS_CAMPAIGN", "5")), clock.now(), size)
+    only = os.environ.get("PLANS_ONLY")
     for name, work in scenes(scene).items():
+        if only and only not in name:
+            continue
         print(describe(name, capture(url, work)), flush=True)
 
 

@@ -8,8 +8,9 @@ from sqlalchemy import func, select, text, update
 from sqlalchemy.orm import Session
 
 import mailer
-from mailer import clock, counts, db, dispatcher, outcomes, queries, retention, suppressions
+from mailer import clock, counts, db, dispatcher, outcomes, retention, suppressions
 from mailer.delivery import deliver_chunk
+from mailer.filters import DeliveryFilter
 from mailer.models import Delivery, DeliveryState, Message
 from mailer.replies import Phase, SMTPReply
 from mailer.transport.memory import MemoryTransport
@@ -81,9 +82,9 @@ def test_counts_follow_every_write(any_db, configure_env) -> None:
         _agree(ids)
 
         with db.session_scope() as session:
-            second_ids = queries.Selection(campaign_id=second.campaign_id).ids()
+            second_ids = DeliveryFilter(campaign_id=second.campaign_id).ids()
             outcomes.cancel(session, second_ids, fake())
-            outcomes.requeue(session, queries.Selection().ids(), fake(), include_suppressed=False)
+            outcomes.requeue(session, DeliveryFilter().ids(), fake(), include_suppressed=False)
             # a statement that changes no state, and one that changes some and not others
             session.execute(update(Delivery).values(published_at=fake()))
             session.execute(

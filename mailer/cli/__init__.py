@@ -12,7 +12,7 @@ import click
 from sqlalchemy.exc import OperationalError, ProgrammingError
 
 from mailer import config, db
-from mailer.cli import campaigns, deliveries, metrics, ops, relay, retention, suppressions
+from mailer.cli import audit, campaigns, deliveries, metrics, ops, relay, retention, suppressions
 from mailer.cli.params import hide
 from mailer.errors import MailerError
 
@@ -50,6 +50,7 @@ for _command in (
     deliveries.cancel_cmd,
     suppressions.suppress_group,
     retention.purge_cmd,
+    audit.audit_cmd,
     # running
     ops.worker_cmd,
     ops.dispatcher_cmd,

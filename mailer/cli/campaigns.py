@@ -10,8 +10,9 @@ from pathlib import Path
 
 import click
 
-from mailer import clock, db
+from mailer import db
 from mailer.cli import params
+from mailer.cli.filtering import actor_option
 from mailer.cli.params import FILE, LATER
 
 
@@ -195,21 +196,27 @@ def campaign_status(campaign_id: int, as_json: bool) -> None:
 
 @campaign_group.command("pause")
 @click.argument("campaign_id", type=int)
-def campaign_pause(campaign_id: int) -> None:
+@actor_option
+def campaign_pause(campaign_id: int, actor: str | None) -> None:
     """Stop handing out the campaign's deliveries (those in flight finish)."""
-    _set_paused(campaign_id, True)
+    _set_paused(campaign_id, True, actor)
 
 
 @campaign_group.command("resume")
 @click.argument("campaign_id", type=int)
-def campaign_resume(campaign_id: int) -> None:
+@actor_option
+def campaign_resume(campaign_id: int, actor: str | None) -> None:
     """Hand out the campaign's deliveries again (the dispatcher publishes them)."""
-    _set_paused(campaign_id, False)
+    _set_paused(campaign_id, False, actor)
 
 
-def _set_paused(campaign_id: int, paused: bool) -> None:
-    from mailer import outcomes
+def _set_paused(campaign_id: int, paused: bool, actor: str | None) -> None:
+    from mailer import actions
 
+    who = actions.cli_actor(actor)
     with db.session_scope() as session:
-        outcomes.pause_campaign(session, campaign_id, paused, clock.now())
+        if paused:
+            actions.pause_campaign(session, who, campaign_id)
+        else:
+            actions.resume_campaign(session, who, campaign_id)
     click.echo(f"campaign {campaign_id} {'paused' if paused else 'resumed'}")

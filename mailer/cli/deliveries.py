@@ -5,13 +5,14 @@ from __future__ import annotations
 import csv
 import json
 import sys
-from datetime import datetime
 from typing import Any
 
 import click
 
-from mailer import clock, db
-from mailer.cli.params import AGO, STATES
+from mailer import db
+from mailer.cli import filtering
+from mailer.cli.params import STATES
+from mailer.filters import DeliveryFilter
 from mailer.models import DeliveryState
 
 RETRY_DEFAULT = "failed,expired,unknown"
@@ -57,37 +58,19 @@ def report_cmd(campaign_id: int, states: tuple[str, ...], fmt: str) -> None:
                 )
 
 
-def _selection(
-    campaign_id: int | None,
-    message_id: int | None,
-    states: str | None,
-    code: str | None,
-    since: datetime | None,
-) -> Any:
-    from mailer import queries
-
-    if campaign_id is None and message_id is None and code is None and since is None:
+def _chosen(given: dict[str, Any], states: str | None) -> DeliveryFilter:
+    chosen = filtering.build(given, states)
+    if not chosen.scoped and chosen == DeliveryFilter(states=chosen.states):
         # a state alone would reach every campaign and message ever sent
-        raise click.UsageError("say which deliveries: --campaign, --message, --code or --since")
-    chosen = None
-    if states:
-        try:
-            chosen = [DeliveryState(s.strip()) for s in states.split(",") if s.strip()]
-        except ValueError:
-            raise click.BadParameter(
-                f"states are: {', '.join(STATES)}", param_hint="--state"
-            ) from None
-    if code is not None:
-        try:
-            queries.code_range(code)
-        except ValueError as exc:
-            raise click.BadParameter(str(exc), param_hint="--code") from None
-    return queries.Selection(campaign_id, message_id, chosen, code, since)
+        raise click.UsageError(
+            "say which deliveries: --campaign, --message, --delivery, --recipient, --code, "
+            "--enhanced, --class, --domain, --reply, --since or --until"
+        )
+    return chosen
 
 
 @click.command("retry")
-@click.option("--campaign", "campaign_id", type=int, help="Only this campaign.")
-@click.option("--message", "message_id", type=int, help="Only this message.")
+@filtering.filter_options
 @click.option(
     "--state",
     "states",
@@ -95,50 +78,51 @@ def _selection(
     show_default=True,
     help="Comma-separated states to retry.",
 )
-@click.option("--code", help="Only deliveries whose last reply code matches: 4xx, 5xx or e.g. 550.")
-@click.option("--since", type=AGO, help="Only those that changed since (ISO 8601, or e.g. 2h ago).")
 @click.option(
     "--include-suppressed",
     is_flag=True,
     help="Also addresses on the suppression list (and take them off it).",
 )
 @click.option("--dry-run", is_flag=True, help="Count, change nothing.")
-def retry_cmd(  # noqa: PLR0913 (a keyword per CLI option)
-    campaign_id: int | None,
-    message_id: int | None,
-    states: str,
-    code: str | None,
-    since: datetime | None,
-    include_suppressed: bool,
-    dry_run: bool,
+@filtering.actor_option
+def retry_cmd(
+    states: str, include_suppressed: bool, dry_run: bool, actor: str | None, **given: Any
 ) -> None:
     """Queue matching deliveries again with a fresh attempt budget; the dispatcher sends them."""
-    from mailer import outcomes
+    from mailer import actions
 
-    selection = _selection(campaign_id, message_id, states, code, since)
+    chosen = _chosen(given, states)
     with db.session_scope() as session:
         if dry_run:
-            n = outcomes.retry_candidates(
-                session, selection.ids(), include_suppressed=include_suppressed
+            n = actions.preview(
+                session, actions.Action.RETRY, chosen, include_suppressed=include_suppressed
             )
             click.echo(f"{n} deliveries would be queued again (dry run: nothing changed)")
             return
-        n = outcomes.requeue(
-            session, selection.ids(), clock.now(), include_suppressed=include_suppressed
+        done = actions.retry(
+            session, actions.cli_actor(actor), chosen, include_suppressed=include_suppressed
         )
-    click.echo(f"{n} deliveries queued again; the dispatcher publishes them on its next pass")
+    click.echo(
+        f"{done.count} deliveries queued again; the dispatcher publishes them on its next pass"
+    )
 
 
 @click.command("cancel")
-@click.option("--campaign", "campaign_id", type=int, help="Cancel this campaign's unsent mail.")
-@click.option("--message", "message_id", type=int, help="Cancel this message's unsent deliveries.")
-def cancel_cmd(campaign_id: int | None, message_id: int | None) -> None:
+@filtering.filter_options
+@click.option("--state", "states", help="Comma-separated states (only queued, deferred change).")
+@click.option("--dry-run", is_flag=True, help="Count, change nothing.")
+@filtering.actor_option
+def cancel_cmd(states: str | None, dry_run: bool, actor: str | None, **given: Any) -> None:
     """Cancel what has not been sent (queued, deferred); in-flight mail finishes."""
-    from mailer import outcomes
+    from mailer import actions
 
-    if campaign_id is None and message_id is None:
+    if given.get("f_campaign") is None and given.get("f_message") is None:
         raise click.UsageError("say what to cancel: --campaign ID or --message ID")
-    selection = _selection(campaign_id, message_id, None, None, None)
+    chosen = _chosen(given, states)
     with db.session_scope() as session:
-        n = outcomes.cancel(session, selection.ids(), clock.now())
-    click.echo(f"{n} deliveries cancelled")
+        if dry_run:
+            n = actions.preview(session, actions.Action.CANCEL, chosen)
+            click.echo(f"{n} deliveries would be cancelled (dry run: nothing changed)")
+            return
+        done = actions.cancel(session, actions.cli_actor(actor), chosen)
+    click.echo(f"{done.count} deliveries cancelled")

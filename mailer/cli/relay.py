@@ -7,6 +7,7 @@ import sys
 import click
 
 from mailer import clock, config, db
+from mailer.cli.filtering import actor_option
 
 
 @click.group("relay")
@@ -27,13 +28,14 @@ def relay_status() -> None:
 
 
 @relay_group.command("resume")
-def relay_resume() -> None:
+@actor_option
+def relay_resume(actor: str | None) -> None:
     """Use the relay again after fixing its configuration; queued mail goes out."""
-    from mailer import relay_health
+    from mailer import actions
 
     name = config.settings().smtp.name
     with db.session_scope() as session:
-        relay_health.resume(session, name, clock.now())
+        actions.resume_relay(session, actions.cli_actor(actor), name)
     click.echo(f"relay {name} resumed")
 
 

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import click
 
-from mailer import clock, db
+from mailer import db
+from mailer.cli.filtering import actor_option
 from mailer.cli.params import FILE
 from mailer.errors import MailerError
 
@@ -21,24 +22,28 @@ def suppress_group() -> None:
 @suppress_group.command("add")
 @click.argument("addresses", nargs=-1, required=True)
 @click.option("--reason", default="added by an operator", show_default=True)
-def suppress_add(addresses: tuple[str, ...], reason: str) -> None:
+@actor_option
+def suppress_add(addresses: tuple[str, ...], reason: str, actor: str | None) -> None:
     """Add ADDRESSES to the list."""
-    from mailer import suppressions
+    from mailer import actions
 
     with db.session_scope() as session:
-        n = suppressions.add_checked(session, addresses, reason, clock.now())
-    click.echo(f"{n} added ({len(addresses) - n} were already listed)")
+        done = actions.suppress_addresses(
+            session, actions.cli_actor(actor), addresses, reason=reason
+        )
+    click.echo(f"{done.count} added ({len(addresses) - done.count} were already listed)")
 
 
 @suppress_group.command("remove")
 @click.argument("addresses", nargs=-1, required=True)
-def suppress_remove(addresses: tuple[str, ...]) -> None:
+@actor_option
+def suppress_remove(addresses: tuple[str, ...], actor: str | None) -> None:
     """Take ADDRESSES off the list (their mail is not retried by itself: see `mailer retry`)."""
-    from mailer import suppressions
+    from mailer import actions
 
     with db.session_scope() as session:
-        n = suppressions.remove(session, addresses)
-    click.echo(f"{n} removed")
+        done = actions.unsuppress_addresses(session, actions.cli_actor(actor), addresses)
+    click.echo(f"{done.count} removed")
 
 
 @suppress_group.command("list")
@@ -52,14 +57,16 @@ def suppress_list() -> None:
 
 
 @suppress_group.command("export")
-def suppress_export() -> None:
+@actor_option
+def suppress_export(actor: str | None) -> None:
     """Write the list as CSV (address, reason, created_at) to stdout."""
-    from mailer import suppressions
+    from mailer import actions
 
     writer = csv.writer(sys.stdout)
     writer.writerow(["email", "reason", "created_at"])
     with db.session_scope() as session:
-        for entry in suppressions.entries(session):
+        _done, entries = actions.export_suppressions(session, actions.cli_actor(actor))
+        for entry in entries:
             writer.writerow([entry.address, entry.reason, entry.created_at.isoformat()])
 
 
@@ -68,16 +75,22 @@ def suppress_export() -> None:
 @click.option(
     "--reason", default="imported", show_default=True, help="Reason for rows without one."
 )
-def suppress_import(path: Path, reason: str) -> None:
+@actor_option
+def suppress_import(path: Path, reason: str, actor: str | None) -> None:
     """Add the addresses of a CSV with an 'email' column (and optional 'reason'), as `export`
     writes it. An invalid address refuses the whole file."""
-    from mailer import recipients, suppressions
+    from mailer import actions, recipients
 
     try:
         with db.session_scope() as session:
-            read, added = suppressions.import_rows(
-                session, recipients.read(path), reason, clock.now()
+            done = actions.import_suppressions(
+                session,
+                actions.cli_actor(actor),
+                recipients.read(path),
+                reason=reason,
+                source=path.name,
             )
     except MailerError as exc:
         raise click.ClickException(f"{path}, {exc}") from None
-    click.echo(f"{added} added ({read - added} were already listed)")
+    read = int(done.target["read"])
+    click.echo(f"{done.count} added ({read - done.count} were already listed)")
