@@ -342,3 +342,18 @@ class StateCountChange(Base):
     priority: Mapped[str] = mapped_column(String(16))
     state: Mapped[str] = mapped_column(String(16))
     n: Mapped[int] = mapped_column(BigInteger)
+
+
+class CampaignBreakdown(Base):
+    """A campaign's breakdown by reply class and recipient domain as last computed, with the
+    state counts it was computed at (mailer/breakdowns.py decides when it is stale)."""
+
+    __tablename__ = "campaign_breakdowns"
+
+    campaign_id: Mapped[int] = mapped_column(
+        ForeignKey("campaigns.id", ondelete="CASCADE"), primary_key=True
+    )
+    computed_at: Mapped[datetime]
+    counts: Mapped[dict[str, Any]]
+    by_class: Mapped[dict[str, Any]]
+    by_domain: Mapped[dict[str, Any]]

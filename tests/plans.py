@@ -21,6 +21,7 @@ from sqlalchemy.orm import Session
 
 from mailer import (
     actions,
+    breakdowns,
     browse,
     bulk,
     clock,
@@ -218,7 +219,7 @@ def dashboard(scene: Scene) -> dict[str, Callable[[Session], Any]]:
     out["page: campaign, next"] = _page(everything, first + 50)
     out.update(
         {
-            "breakdown": lambda s: browse.breakdown(s, c),
+            "breakdown": lambda s: breakdowns.compute(s, c, sent=0, now=clock.now()),
             "recipient history": lambda s: browse.recipient_history(s, someone),
             "export csv": lambda s: list(itertools.islice(browse.export_csv(s, failed), 100)),
             "audit page": lambda s: browse.audit_page(s, None),
