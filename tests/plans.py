@@ -84,11 +84,14 @@ def capture(url: str, work: Callable[[Session], Any]) -> list[Statement]:
     event.listen(eng, "before_cursor_execute", before)
     event.listen(eng, "after_cursor_execute", after)
     try:
-        with Session(eng) as session:
+        # the work's own commits (a batch's) become savepoints of one transaction rolled back
+        with eng.connect() as conn:
+            outer = conn.begin()
             try:
-                work(session)
+                with Session(bind=conn, join_transaction_mode="create_savepoint") as session:
+                    work(session)
             finally:
-                session.rollback()
+                outer.rollback()
     finally:
         event.remove(eng, "before_cursor_execute", before)
         event.remove(eng, "after_cursor_execute", after)

@@ -209,7 +209,9 @@ def campaign_resume(campaign_id: int) -> None:
 
 def _set_paused(campaign_id: int, paused: bool) -> None:
     from mailer import outcomes
+    from mailer.cli.deliveries import progress_on_stderr
 
     with db.session_scope() as session:
-        outcomes.pause_campaign(session, campaign_id, paused, clock.now())
+        progress = progress_on_stderr("resume")
+        outcomes.pause_campaign(session, campaign_id, paused, clock.now(), progress)
     click.echo(f"campaign {campaign_id} {'paused' if paused else 'resumed'}")

@@ -5,6 +5,8 @@ from __future__ import annotations
 import csv
 import json
 import sys
+import time
+from collections.abc import Callable
 from datetime import datetime
 from typing import Any
 
@@ -15,6 +17,21 @@ from mailer.cli.params import AGO, STATES
 from mailer.models import DeliveryState
 
 RETRY_DEFAULT = "failed,expired,unknown"
+PROGRESS_EVERY = 2.0  # seconds between progress lines of a long change
+
+
+def progress_on_stderr(what: str) -> Callable[[int, int], None]:
+    """A `batches.Progress` that tells stderr how far a long change has gone, now and then
+    (each line is of batches committed: stopped there, running it again goes on)."""
+    shown = time.monotonic()
+
+    def tell(done: int, total: int) -> None:
+        nonlocal shown
+        if done < total and time.monotonic() - shown >= PROGRESS_EVERY:
+            shown = time.monotonic()
+            click.echo(f"  {what}: {done:,} of {total:,} done", err=True)
+
+    return tell
 
 
 @click.command("report")
@@ -124,7 +141,11 @@ def retry_cmd(  # noqa: PLR0913 (a keyword per CLI option)
             click.echo(f"{n} deliveries would be queued again (dry run: nothing changed)")
             return
         n = outcomes.requeue(
-            session, selection.ids(), clock.now(), include_suppressed=include_suppressed
+            session,
+            selection.ids(),
+            clock.now(),
+            include_suppressed=include_suppressed,
+            progress=progress_on_stderr("retry"),
         )
     click.echo(f"{n} deliveries queued again; the dispatcher publishes them on its next pass")
 
@@ -140,5 +161,5 @@ def cancel_cmd(campaign_id: int | None, message_id: int | None) -> None:
         raise click.UsageError("say what to cancel: --campaign ID or --message ID")
     selection = _selection(campaign_id, message_id, None, None, None)
     with db.session_scope() as session:
-        n = outcomes.cancel(session, selection.ids(), clock.now())
+        n = outcomes.cancel(session, selection.ids(), clock.now(), progress_on_stderr("cancel"))
     click.echo(f"{n} deliveries cancelled")
