@@ -32,7 +32,7 @@ from mailer import (
     suppressions,
 )
 from mailer.config import load
-from mailer.models import Delivery, DeliveryState, Priority
+from mailer.models import Delivery, DeliveryState
 
 S = DeliveryState
 WATCHED = ("deliveries", "attempts")
@@ -166,9 +166,8 @@ def dispatcher_pass(scene: Scene, *, due: bool) -> Callable[[Session], Any]:
         settings = load()
         outcomes.expire(session, when, since=when - timedelta(days=4))
         relay_health.block(session, settings.smtp.name, when)
-        for priority in Priority:
-            ids = dispatcher.due(session, settings, when, priority, queue_empty=True)
-            dispatcher.mark_published(session, ids, when)
+        found = dispatcher.due(session, settings, when, queue_empty=True)
+        dispatcher.mark_published(session, [i for i, _ in found], when)
 
     return work
 
