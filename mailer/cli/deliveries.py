@@ -54,13 +54,16 @@ def report_cmd(campaign_id: int, states: tuple[str, ...], fmt: str) -> None:
     """Per recipient: address, state, attempts, last code, enhanced code and reply."""
     from mailer import queries
 
-    with db.session_scope() as session:
-        rows = queries.report(session, campaign_id, [DeliveryState(s) for s in states] or None)
+    chosen = [DeliveryState(s) for s in states] or None
+    with db.read_scope() as session:
         if fmt == "csv":
-            writer = csv.DictWriter(sys.stdout, fieldnames=queries.REPORT_COLUMNS)
-            writer.writeheader()
-            writer.writerows(rows)
-        elif fmt == "json":
+            # tuples straight into the csv module's C writer
+            writer = csv.writer(sys.stdout)
+            writer.writerow(queries.REPORT_COLUMNS)
+            writer.writerows(queries.report_rows(session, campaign_id, chosen))
+            return
+        rows = queries.report(session, campaign_id, chosen)
+        if fmt == "json":
             for row in rows:
                 click.echo(json.dumps(row))
         else:
