@@ -104,8 +104,9 @@ def report_rows(
     )
     if states:
         query = query.where(Delivery.state.in_(states))
-    connection = session.connection().execution_options(yield_per=REPORT_BATCH)
-    for recipient, state, attempts, code, enhanced, reply, at in connection.execute(query):
+    # the option on the statement: on the connection it would outlast the report
+    rows = session.connection().execute(query.execution_options(yield_per=REPORT_BATCH))
+    for recipient, state, attempts, code, enhanced, reply, at in rows:
         yield recipient, state, attempts, code, enhanced, reply or "", at.isoformat() + "+00:00"
 
 

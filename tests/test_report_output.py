@@ -10,10 +10,10 @@ import json
 from datetime import UTC, datetime
 
 from click.testing import CliRunner
-from sqlalchemy import update
+from sqlalchemy import func, select, update
 
 import mailer
-from mailer import db
+from mailer import db, queries
 from mailer.cli import cli
 from mailer.models import Delivery, DeliveryState
 from tests.helpers import add_template, deliveries
@@ -111,3 +111,13 @@ def test_json_lines_are_byte_identical(any_db: str) -> None:
     expected = "".join(json.dumps(row) + "\n" for row in _reference())
     assert _report(str(campaign), "--format", "json") == expected
     assert {DeliveryState(r["state"]) for r in map(json.loads, expected.splitlines())}
+
+
+def test_a_report_read_in_part_leaves_its_session_as_it_was(any_db: str) -> None:
+    campaign = _campaign()
+    with db.session_scope() as session:
+        rows = queries.report_rows(session, campaign)
+        assert next(rows)[0] == "r0@example.com"
+        # the streaming option went with the statement, not onto the session's connection
+        assert not session.connection().get_execution_options().get("yield_per")
+        assert session.scalar(select(func.count()).select_from(Delivery)) == len(AWKWARD)

@@ -132,7 +132,8 @@ def retry_cmd(  # noqa: PLR0913 (a keyword per CLI option)
     include_suppressed: bool,
     dry_run: bool,
 ) -> None:
-    """Queue matching deliveries again with a fresh attempt budget; the dispatcher sends them."""
+    """Queue matching deliveries again with a fresh attempt budget; the dispatcher sends them.
+    Goes in batches, each its own short transaction: safe to stop and run again."""
     from mailer import outcomes
 
     selection = _selection(campaign_id, message_id, states, code, since)
@@ -157,7 +158,9 @@ def retry_cmd(  # noqa: PLR0913 (a keyword per CLI option)
 @click.option("--campaign", "campaign_id", type=int, help="Cancel this campaign's unsent mail.")
 @click.option("--message", "message_id", type=int, help="Cancel this message's unsent deliveries.")
 def cancel_cmd(campaign_id: int | None, message_id: int | None) -> None:
-    """Cancel what has not been sent (queued, deferred); in-flight mail finishes."""
+    """Cancel what has not been sent (queued, deferred); in-flight mail finishes. Goes in
+    batches, each its own short transaction: safe beside running workers, and to stop and
+    run again."""
     from mailer import outcomes
 
     if campaign_id is None and message_id is None:
