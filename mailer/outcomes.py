@@ -11,7 +11,7 @@ from __future__ import annotations
 import functools
 import logging
 from collections.abc import Iterable, Sequence
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any, NamedTuple
 
 from sqlalchemy import Select, and_, bindparam, delete, exists, func, or_, select, update
@@ -434,6 +434,12 @@ _WAITING = (S.QUEUED, S.DEFERRED)
 _CANCELLABLE = _WAITING
 
 
+# the published_at of a paused campaign's waiting deliveries: published at the end of time, they
+# are in neither of the dispatcher's indexes' reach (owed a wake-up; published long ago), so a
+# pass does not read a paused campaign's backlog to filter it out each time
+PARKED = datetime(9999, 1, 1, tzinfo=UTC)
+
+
 def pause_campaign(
     session: Session,
     campaign_id: int,
@@ -441,25 +447,38 @@ def pause_campaign(
     now: datetime,
     progress: batches.Progress | None = None,
 ) -> None:
-    """Pause: no more of its deliveries are claimed (in-flight ones finish). Resume: the
-    dispatcher wakes every waiting delivery on its next pass. A resume forgets the wake-ups
-    published while paused (workers dropped them) a batch at a time with the campaign still
-    paused, and lifts the pause last: stopped part-way, the campaign is still paused and the
-    same command run again completes it."""
+    """Pause: no more of its deliveries are claimed (in-flight ones finish), at once; then its
+    waiting deliveries are parked (PARKED) a batch at a time. Resume: their wake-ups are
+    forgotten (parked, or published while paused and dropped by the workers) a batch at a
+    time with the campaign still paused, and the pause is lifted last; the dispatcher wakes
+    them on its next pass. Stopped part-way, either is completed by running it again."""
     found = session.get(Campaign, campaign_id)
     if found is None:
         raise NotFound(f"no campaign {campaign_id}")
-    if not paused:
-        published = (
-            select(Delivery.id)
-            .join(Message, Delivery.message_id == Message.id)
-            .where(Message.campaign_id == campaign_id, Delivery.published_at.is_not(None))
-            .where(Delivery.state.in_(_WAITING))
-        )
-        statement = _unpublish(bulk.postgresql(session))
-        batches.apply(session, published, [statement], {"now": now}, progress)
-    found.paused = paused
+    waiting = (
+        select(Delivery.id)
+        .join(Message, Delivery.message_id == Message.id)
+        .where(Message.campaign_id == campaign_id, Delivery.state.in_(_WAITING))
+    )
+    postgresql = bulk.postgresql(session)
+    if paused:
+        found.paused = True
+        session.commit()
+        unparked = or_(Delivery.published_at.is_(None), Delivery.published_at != PARKED)
+        statement = _park(postgresql)
+        batches.apply(session, waiting.where(unparked), [statement], {"parked": PARKED}, progress)
+        return
+    published = waiting.where(Delivery.published_at.is_not(None))
+    batches.apply(session, published, [_unpublish(postgresql)], {"now": now}, progress)
+    found.paused = False
     session.commit()
+
+
+@functools.cache
+def _park(postgresql: bool) -> Any:
+    return _change(postgresql, _WAITING).values(
+        published_at=bindparam("parked", type_=Delivery.published_at.type)
+    )
 
 
 @functools.cache

@@ -5,6 +5,7 @@ again."""
 from __future__ import annotations
 
 from collections.abc import Callable
+from datetime import timedelta
 from typing import Any
 
 import pytest
@@ -12,7 +13,7 @@ from click.testing import CliRunner
 from sqlalchemy import event, update
 
 import mailer
-from mailer import batches, clock, db, outcomes, queries
+from mailer import batches, clock, config, db, dispatcher, outcomes, queries
 from mailer.cli import cli
 from mailer.models import Campaign, Delivery, DeliveryState, Suppression
 from tests.helpers import add_template, count, deliveries
@@ -145,3 +146,22 @@ def test_a_resume_stopped_part_way_leaves_the_campaign_paused_until_run_again(
     assert all(d.published_at is None for d in deliveries())
     with db.session_scope() as session:
         assert not session.get(Campaign, campaign).paused  # type: ignore[union-attr]
+
+
+def test_a_paused_campaigns_waiting_deliveries_are_parked_out_of_the_dispatchers_way(
+    campaign: int,
+) -> None:
+    ids = [d.id for d in deliveries()]
+    _set(ids[:4], published_at=None)  # owed a wake-up
+    _set(ids[:1], state=S.SENT)  # gone: left alone
+    with db.session_scope() as session:
+        outcomes.pause_campaign(session, campaign, True, clock.now())
+    assert [d.published_at == outcomes.PARKED for d in deliveries()] == [False] + [True] * 9
+    later = clock.now() + timedelta(days=30)  # every wake-up long lost, the queue empty
+    with db.session_scope() as session:
+        assert dispatcher.due(session, config.settings(), later, queue_empty=True) == []
+    with db.session_scope() as session:
+        outcomes.pause_campaign(session, campaign, False, clock.now())
+    with db.session_scope() as session:
+        found = dispatcher.due(session, config.settings(), later, queue_empty=True)
+    assert sorted(i for i, _ in found) == ids[1:]
