@@ -165,3 +165,15 @@ def test_a_paused_campaigns_waiting_deliveries_are_parked_out_of_the_dispatchers
     with db.session_scope() as session:
         found = dispatcher.due(session, config.settings(), later, queue_empty=True)
     assert sorted(i for i, _ in found) == ids[1:]
+
+
+def test_a_long_change_tells_stderr_how_far_it_has_gone(
+    campaign: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from mailer.cli import deliveries as commands
+
+    monkeypatch.setattr(commands, "PROGRESS_EVERY", 0.0)
+    out = CliRunner().invoke(cli, ["cancel", "--campaign", str(campaign)])
+    assert out.exit_code == 0, out.output
+    assert "cancel: 3 of 10 done" in out.stderr and "cancel: 6 of 10 done" in out.stderr
+    assert out.stdout == f"{N} deliveries cancelled\n"
