@@ -292,7 +292,7 @@ class AuditRow:
     role: str
     action: str
     target: dict[str, Any]
-    count: int
+    count: int | None  # None: stopped part-way
 
 
 def audit_page(session: Session, after_id: int | None = None, limit: int = 50) -> Page[AuditRow]:

@@ -40,7 +40,7 @@ def upgrade() -> None:
             sa.JSON().with_variant(sa.dialects.postgresql.JSONB(), "postgresql"),
             nullable=False,
         ),
-        sa.Column("count", sa.BigInteger(), nullable=False),
+        sa.Column("count", sa.BigInteger(), nullable=True),
         sa.PrimaryKeyConstraint("id", name="pk_audit_log"),
     )
     # a nullable column without a default: no table rewrite on PostgreSQL
