@@ -20,7 +20,7 @@ from typing import Any
 from sqlalchemy import delete, exists, func, literal, select
 from sqlalchemy.orm import Session
 
-from mailer import clock, config, db, filters, outcomes, relay_health, suppressions
+from mailer import batches, clock, config, db, filters, outcomes, relay_health, suppressions
 from mailer.errors import InputError, PermissionDenied
 from mailer.filters import DeliveryFilter
 from mailer.models import AuditEntry, Delivery, DeliveryState, Suppression
@@ -98,29 +98,41 @@ def retry(
     *,
     include_suppressed: bool = False,
     now: datetime | None = None,
+    progress: batches.Progress | None = None,
 ) -> Done:
     """Queue the matching deliveries again with a fresh budget (outcomes.requeue); addresses
     on the suppression list are left out unless `include_suppressed`, which also unlists them."""
     _allowed(actor)
     _aimed(target)
     when = now or clock.now()
+    audited = {**target.as_dict(), **({"include_suppressed": True} if include_suppressed else {})}
+    entry = _begin(session, actor, Action.RETRY, audited, when)
     n = sum(
-        outcomes.requeue(session, ids, when, include_suppressed=include_suppressed)
+        outcomes.requeue(
+            session, ids, when, include_suppressed=include_suppressed, progress=progress
+        )
         for ids in filters.windows(session, target)
     )
-    audited = {**target.as_dict(), **({"include_suppressed": True} if include_suppressed else {})}
-    return _audit(session, actor, Action.RETRY, audited, n, when)
+    return _finish(session, entry, n)
 
 
 def cancel(
-    session: Session, actor: Actor, target: DeliveryFilter, *, now: datetime | None = None
+    session: Session,
+    actor: Actor,
+    target: DeliveryFilter,
+    *,
+    now: datetime | None = None,
+    progress: batches.Progress | None = None,
 ) -> Done:
     """Cancel the matching deliveries that have not gone out (queued, deferred)."""
     _allowed(actor)
     _aimed(target)
     when = now or clock.now()
-    n = sum(outcomes.cancel(session, ids, when) for ids in filters.windows(session, target))
-    return _audit(session, actor, Action.CANCEL, target.as_dict(), n, when)
+    entry = _begin(session, actor, Action.CANCEL, target.as_dict(), when)
+    n = sum(
+        outcomes.cancel(session, ids, when, progress) for ids in filters.windows(session, target)
+    )
+    return _finish(session, entry, n)
 
 
 def suppress(
@@ -294,27 +306,43 @@ def preview_campaign(session: Session, campaign_id: int) -> int:
 
 
 def pause_campaign(
-    session: Session, actor: Actor, campaign_id: int, *, now: datetime | None = None
+    session: Session,
+    actor: Actor,
+    campaign_id: int,
+    *,
+    now: datetime | None = None,
+    progress: batches.Progress | None = None,
 ) -> Done:
     """Hand out no more of the campaign's deliveries (those in flight finish)."""
-    return _set_paused(session, actor, campaign_id, True, now or clock.now())
+    return _set_paused(session, actor, campaign_id, True, now or clock.now(), progress)
 
 
 def resume_campaign(
-    session: Session, actor: Actor, campaign_id: int, *, now: datetime | None = None
+    session: Session,
+    actor: Actor,
+    campaign_id: int,
+    *,
+    now: datetime | None = None,
+    progress: batches.Progress | None = None,
 ) -> Done:
     """Hand the campaign's deliveries out again (the dispatcher publishes them)."""
-    return _set_paused(session, actor, campaign_id, False, now or clock.now())
+    return _set_paused(session, actor, campaign_id, False, now or clock.now(), progress)
 
 
 def _set_paused(
-    session: Session, actor: Actor, campaign_id: int, paused: bool, now: datetime
+    session: Session,
+    actor: Actor,
+    campaign_id: int,
+    paused: bool,
+    now: datetime,
+    progress: batches.Progress | None,
 ) -> Done:
     _allowed(actor)
     waiting = preview_campaign(session, campaign_id)  # NotFound for a campaign that is not
-    outcomes.pause_campaign(session, campaign_id, paused, now)
     action = Action.PAUSE if paused else Action.RESUME
-    return _audit(session, actor, action, {"campaign_id": campaign_id}, waiting, now)
+    entry = _begin(session, actor, action, {"campaign_id": campaign_id}, now)
+    outcomes.pause_campaign(session, campaign_id, paused, now, progress)
+    return _finish(session, entry, waiting)
 
 
 def preview_relay(session: Session, name: str | None = None, now: datetime | None = None) -> int:
@@ -363,14 +391,23 @@ def _audit(
     count: int,
     now: datetime,
 ) -> Done:
+    return _finish(session, _begin(session, actor, action, target, now), count)
+
+
+def _begin(
+    session: Session, actor: Actor, action: Action, target: dict[str, Any], now: datetime
+) -> AuditEntry:
+    """The audit row, before the work: an action that commits in batches and stops part-way
+    leaves its row, with no count (NULL: it did not finish)."""
     entry = AuditEntry(
-        at=now,
-        actor=actor.name,
-        role=actor.role.value,
-        action=action.value,
-        target=target,
-        count=count,
+        at=now, actor=actor.name, role=actor.role.value, action=action.value, target=target
     )
     session.add(entry)
     session.flush()
-    return Done(action, count, entry.id, target)
+    return entry
+
+
+def _finish(session: Session, entry: AuditEntry, count: int) -> Done:
+    entry.count = count
+    session.flush()
+    return Done(Action(entry.action), count, entry.id, dict(entry.target))

@@ -14,18 +14,51 @@ timeout, and the dispatcher republishes whatever is due from the database in any
 `install()` has kombu resolve the redis:// and rediss:// schemes to this transport. Naming it
 as Celery's `broker_transport` instead would hide the scheme from kombu, which turns TLS on for
 rediss:// by its name.
+
+Every wait for the broker is short and bounded (RETRY): kombu's own policy waits 2, 4, ... 30 s
+between tries, so that after a long outage a worker or the dispatcher could sleep for up to half
+a minute after Redis came back. Here a producer (publish, backlog) tries three times within
+CONNECT_TIMEOUT and gives up (the rows stay in the database for the next pass), and a worker's
+consumer tries again every second, for as long as it takes (`Consumer`).
 """
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import kombu.transport
+from celery.worker.consumer import Consumer as CeleryConsumer
 from kombu.transport import redis as kombu_redis
 from redis.exceptions import ConnectionError as RedisConnectionError
 
 TRANSPORT = f"{__name__}:Transport"
+CONSUMER = f"{__name__}:Consumer"
 SCHEMES = ("redis", "rediss")
+# seconds between two tries to reach the broker: at once, then half a second, then a second
+RETRY = {"interval_start": 0.0, "interval_step": 0.5, "interval_max": 1.0}
+CONNECT_TIMEOUT = 2.0  # seconds for one TCP connect, and for a producer's tries in all
+PRODUCER_RETRIES = 2  # after the first try
+
+
+def transport_options() -> dict[str, Any]:
+    """kombu's options for every connection Celery makes: how a producer's connection retries
+    (read by kombu when a channel is first needed) and how long a connect may hang."""
+    return {
+        **RETRY,
+        "max_retries": PRODUCER_RETRIES,
+        "connect_retries_timeout": CONNECT_TIMEOUT,
+        "socket_connect_timeout": CONNECT_TIMEOUT,
+    }
+
+
+class Consumer(CeleryConsumer):  # type: ignore[misc]
+    """Celery's worker consumer, reconnecting at RETRY's intervals: Celery calls kombu's
+    ensure_connection with its default intervals, which no setting changes."""
+
+    def ensure_connected(self, conn: Any) -> Any:
+        conn.ensure_connection = functools.partial(conn.ensure_connection, **RETRY)
+        return super().ensure_connected(conn)
 
 
 class Channel(kombu_redis.Channel):

@@ -1,8 +1,8 @@
-"""The dashboard's read side: a filter's deliveries a page at a time and as CSV, a campaign's
-breakdown by reply class and recipient domain, a recipient's whole history with the reason
-for each verdict, the audit log and the suppression list. Reads the database, never the
-broker; every statement is narrowed by an index and paged by a key, never by OFFSET over a
-big table (queries.py keeps the CLI's status and report)."""
+"""The dashboard's read side: a filter's deliveries a page at a time and as CSV, a recipient's
+whole history with the reason for each verdict, the audit log and the suppression list. Reads
+the database, never the broker; every statement is narrowed by an index and paged by a key,
+never by OFFSET over a big table (queries.py keeps the CLI's status and report, breakdowns.py
+a campaign's breakdown)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Generic, TypeVar
 
-from sqlalchemy import func, select
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from mailer import filters
@@ -28,7 +28,7 @@ from mailer.models import (
     Suppression,
     Template,
 )
-from mailer.replies import Phase, ReplyClass, SMTPReply, explain
+from mailer.replies import Phase, SMTPReply, explain
 
 T = TypeVar("T")
 S = DeliveryState
@@ -147,56 +147,6 @@ def _cell(value: Any) -> Any:
     if isinstance(value, datetime):
         return value.isoformat()
     return "" if value is None else value
-
-
-# --- a campaign's breakdown --------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Breakdown:
-    """Deliveries not in flight, by the class of their last reply ("none": not tried yet) and
-    by recipient domain (the `top` biggest, then "other")."""
-
-    by_class: dict[str, int]
-    by_domain: dict[str, int]
-
-
-_SETTLED = [s for s in S if s is not S.SENDING]
-_NOT_SENT = [s for s in _SETTLED if s is not S.SENT]
-
-
-def breakdown(session: Session, campaign_id: int, top: int = 10) -> Breakdown:
-    # the campaign's messages as values (see DeliveryFilter.where)
-    messages = list(session.scalars(select(Message.id).where(Message.campaign_id == campaign_id)))
-    # a sent delivery's last reply is always "delivered" (outcomes._next_state): counted
-    # from the states' index alone, the heap is read only for the deliveries not sent
-    sent = session.scalar(
-        select(func.count()).where(Delivery.message_id.in_(messages), Delivery.state == S.SENT)
-    )
-    classes = session.execute(
-        select(Delivery.last_class, func.count())
-        .where(Delivery.message_id.in_(messages), Delivery.state.in_(_NOT_SENT))
-        .group_by(Delivery.last_class)
-    ).all()
-    by_class = {ReplyClass.DELIVERED.value: sent or 0} if sent else {}
-    for klass, n in sorted(classes, key=lambda r: -r[1]):
-        key = klass or "none"
-        by_class[key] = by_class.get(key, 0) + n
-    # ix_deliveries_message_id_domain, index only; the total over every domain comes with
-    # the top ones (a window over the groups, before the LIMIT)
-    size = func.count().label("n")
-    domains = session.execute(
-        select(Delivery.domain, size, func.sum(func.count()).over())
-        .where(Delivery.message_id.in_(messages), Delivery.state != S.SENDING)
-        .group_by(Delivery.domain)
-        .order_by(size.desc(), Delivery.domain)
-        .limit(top)
-    ).all()
-    by_domain = {domain: count for domain, count, _ in domains}
-    total = int(domains[0][2]) if domains else 0
-    if total > sum(by_domain.values()):
-        by_domain["other"] = total - sum(by_domain.values())
-    return Breakdown(by_class, by_domain)
 
 
 # --- a recipient's history ---------------------------------------------------------------------
@@ -342,7 +292,7 @@ class AuditRow:
     role: str
     action: str
     target: dict[str, Any]
-    count: int
+    count: int | None  # None: stopped part-way
 
 
 def audit_page(session: Session, after_id: int | None = None, limit: int = 50) -> Page[AuditRow]:

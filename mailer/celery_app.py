@@ -49,8 +49,14 @@ def configure(s: Settings | None = None) -> Celery:
             # every other free process went to a campaign chunk however many transactional
             # messages waited (see BENCHMARKS.md, "What each step bought")
             "queue_order_strategy": "priority",
+            # every wait for the broker short and bounded (broker.py)
+            **broker.transport_options(),
         },
         broker_connection_retry_on_startup=True,
+        # a worker that lost the broker tries again every second (broker.Consumer) for as
+        # long as it takes: Celery's 100 tries would stop it after a couple of minutes
+        broker_connection_max_retries=None,
+        worker_consumer=broker.CONSUMER,
         # when the broker connection drops, let a running chunk finish and record what it sent
         # (cancelling it would leave sent mail unrecorded, to be sent again after the lease);
         # its redelivered copy then claims nothing

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import and_, exists, or_, select, text, union_all, update
+from sqlalchemy import and_, case, exists, or_, select, text, union_all, update
 from sqlalchemy.exc import InterfaceError, OperationalError
 from sqlalchemy.orm import Session
 
@@ -27,7 +27,7 @@ from mailer.models import Campaign, Delivery, DeliveryState, Message, Priority
 log = logging.getLogger(__name__)
 S = DeliveryState
 # wake-ups a statement (its UPDATE stays well under a second on a big outbox), and at most
-# PER_PASS of each priority a pass: each batch's scan starts again at the earliest due
+# PER_PASS a pass: each batch's scan starts again at the earliest due
 BATCH = 5000
 PER_PASS = 20000
 _LOCK_KEY = 0x6D61696D
@@ -57,15 +57,16 @@ def run_once(settings: Settings | None = None, *, backlog: int | None = -1) -> P
             return report
     if backlog == -1:
         backlog = publish.backlog()
-    for priority in Priority:
-        for _ in range(PER_PASS // BATCH):
-            with db.session_scope() as session:
-                ids = due(session, s, now, priority, queue_empty=backlog == 0)
-                mark_published(session, ids, now)
+    for _ in range(PER_PASS // BATCH):
+        with db.session_scope() as session:
+            found = due(session, s, now, queue_empty=backlog == 0)
+            mark_published(session, [i for i, _ in found], now)
+        for priority in Priority:  # transactional first
+            ids = [i for i, p in found if p == priority]
             if ids:
                 report.published += publish.publish(ids, priority, s.chunk_size)
-            if len(ids) < BATCH:
-                break
+        if len(found) < BATCH:
+            break
     return report
 
 
@@ -81,43 +82,58 @@ def mark_published(session: Session, ids: list[int], now: datetime) -> None:
 
 
 def due(
-    session: Session, s: Settings, now: datetime, priority: Priority, *, queue_empty: bool
-) -> list[int]:
+    session: Session, s: Settings, now: datetime, *, queue_empty: bool
+) -> list[tuple[int, Priority]]:
+    """Up to BATCH deliveries to publish now, with their message's priority, transactional
+    first: due and never published since they became due; whose lease ran out; and when
+    `queue_empty`, published more than MAILER_REPUBLISH_AFTER ago into a queue that has
+    since run empty, so that their wake-ups were lost (a broker restart, a flushed queue).
+    Each kind is read from the partial index that holds exactly it, earliest first, both
+    priorities in one scan (the priority is the message's, in no index of deliveries), so
+    that a pass reads about what it publishes however many are due and already published."""
     stale = now - timedelta(seconds=s.republish_after)
-
-    def needs_wakeup(wake_at: Any) -> Any:
-        # never published since it became due; or published long ago into a queue that has
-        # since run empty, so that wake-up was lost (a broker restart, a flushed queue)
-        lost = [Delivery.published_at < stale] if queue_empty else []
-        return or_(Delivery.published_at.is_(None), Delivery.published_at < wake_at, *lost)
-
-    ready = and_(
-        Delivery.state.in_([S.QUEUED, S.DEFERRED]),
+    waiting = Delivery.state.in_([S.QUEUED, S.DEFERRED])
+    # each condition as the partial index's predicate says it (models.WAKEUP_*_WHERE), which
+    # the planner must see in the query to use that index
+    owed = and_(
+        waiting,
+        or_(Delivery.published_at.is_(None), Delivery.published_at < Delivery.next_attempt_at),
         Delivery.next_attempt_at <= now,
-        needs_wakeup(Delivery.next_attempt_at),
     )
-    abandoned = and_(
-        Delivery.state == S.SENDING, Delivery.lease_until < now, needs_wakeup(Delivery.lease_until)
+    branches = [_earliest(owed, Delivery.next_attempt_at)]  # ix_deliveries_wakeup
+    lost = [Delivery.published_at < stale] if queue_empty else []
+    abandoned = and_(  # ix_deliveries_leased
+        Delivery.state == S.SENDING,
+        Delivery.lease_until < now,
+        or_(Delivery.published_at.is_(None), Delivery.published_at < Delivery.lease_until, *lost),
     )
-    paused = exists().where(Campaign.id == Message.campaign_id, Campaign.paused.is_(True))
-
-    def earliest(condition: Any, when: Any) -> Any:
-        # read in the order of the partial index that holds them (due, leased), so that the
-        # scan stops at BATCH: ordered by id, the planner walked the primary key, the whole
-        # outbox's history, filtering
-        return (
-            select(Delivery.id)
-            .join(Message, Delivery.message_id == Message.id)
-            .where(condition, Message.priority == priority, ~paused)
-            .order_by(when)
-            .limit(BATCH)
+    branches.append(_earliest(abandoned, Delivery.lease_until))
+    if queue_empty:
+        given = and_(  # ix_deliveries_published
+            waiting,
+            Delivery.published_at >= Delivery.next_attempt_at,
+            Delivery.published_at < stale,
         )
-
+        branches.append(_earliest(given, Delivery.published_at))
     # each branch its own subquery: SQLite takes no LIMIT inside a UNION's members
-    first = earliest(ready, Delivery.next_attempt_at).subquery()
-    second = earliest(abandoned, Delivery.lease_until).subquery()
-    found = union_all(select(first.c.id), select(second.c.id)).subquery()
-    return list(session.scalars(select(found.c.id).order_by(found.c.id).limit(BATCH)))
+    found = union_all(*(select(b.c.id, b.c.priority) for b in branches)).subquery()
+    later = case((found.c.priority == Priority.TRANSACTIONAL, 0), else_=1)
+    query = select(found.c.id, found.c.priority).order_by(later, found.c.id).limit(BATCH)
+    return [(i, Priority(p)) for i, p in session.execute(query)]
+
+
+def _earliest(condition: Any, when: Any) -> Any:
+    # read in the order of the partial index that holds them, so that the scan stops at
+    # BATCH: ordered by id, the planner walked the primary key, the whole outbox's history
+    paused = exists().where(Campaign.id == Message.campaign_id, Campaign.paused.is_(True))
+    return (
+        select(Delivery.id, Message.priority)
+        .join(Message, Delivery.message_id == Message.id)
+        .where(condition, ~paused)
+        .order_by(when)
+        .limit(BATCH)
+        .subquery()
+    )
 
 
 def run(settings: Settings | None = None, stop: threading.Event | None = None) -> None:

@@ -4,7 +4,9 @@ delivery has been due.
 
 Both are bounded at any outbox size: the counts are the per-campaign state counts that
 triggers keep (mailer.counts, a few rows a campaign), and the oldest due time is the first
-entry of the partial index ix_deliveries_due (one index page).
+entry of each of the dispatcher's partial indexes (a page each): the earliest due of those
+owed a wake-up, and the earliest published of those woken and not yet claimed (published
+when due or later, so it is due at least that long).
 """
 
 from __future__ import annotations
@@ -21,7 +23,13 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
 from mailer import bulk, clock, counts, db
-from mailer.models import Delivery, DeliveryState, Priority
+from mailer.models import (
+    WAKEUP_GIVEN_WHERE,
+    WAKEUP_OWED_WHERE,
+    Delivery,
+    DeliveryState,
+    Priority,
+)
 
 log = logging.getLogger(__name__)
 S = DeliveryState
@@ -35,8 +43,9 @@ OLDEST = "mailer_oldest_queued_seconds"
 UP = "mailer_outbox_up"
 TOOK = "mailer_outbox_scrape_seconds"
 NAMES = (DEPTH, EVERY, OLDEST, UP, TOOK)
-# written as ix_deliveries_due's own predicate, so that the planner matches the partial index
-_DUE_WHERE = text("state IN ('queued', 'deferred')")
+# written as the partial indexes' own predicates, so that the planner matches them
+_OWED = text(WAKEUP_OWED_WHERE)
+_GIVEN = text(WAKEUP_GIVEN_WHERE)
 
 
 class Outbox:
@@ -61,12 +70,14 @@ def read(session: Session, now: datetime) -> Outbox:
     if bulk.postgresql(session):
         session.execute(text(f"SET LOCAL statement_timeout = {STATEMENT_TIMEOUT_MS}"))
     totals = counts.totals(session)
-    oldest = session.execute(
-        select(func.min(Delivery.next_attempt_at)).where(
-            _DUE_WHERE, Delivery.next_attempt_at <= now
-        )
+    owed = session.execute(
+        select(func.min(Delivery.next_attempt_at)).where(_OWED, Delivery.next_attempt_at <= now)
     ).scalar()
-    return Outbox(totals, oldest)
+    woken = session.execute(
+        select(func.min(Delivery.published_at)).where(_GIVEN, Delivery.published_at <= now)
+    ).scalar()
+    found = [t for t in (owed, woken) if t is not None]
+    return Outbox(totals, min(found) if found else None)
 
 
 class OutboxCollector(Collector):

@@ -175,6 +175,17 @@ PURGEABLE_WHERE = "state IN (" + ", ".join(f"'{state.value}'" for state in PURGE
 SETTLED_WHERE = "state <> 'sending'"
 
 
+WAITING_WHERE = "state IN ('queued', 'deferred')"
+# a waiting delivery not published since it became due (the dispatcher's pass publishes it),
+# or published and not claimed yet (republished only when the queue ran empty)
+WAKEUP_OWED_WHERE = f"{WAITING_WHERE} AND (published_at IS NULL OR published_at < next_attempt_at)"
+WAKEUP_GIVEN_WHERE = f"{WAITING_WHERE} AND published_at >= next_attempt_at"
+
+
+def _where(predicate: str) -> dict[str, Any]:
+    return {"postgresql_where": text(predicate), "sqlite_where": text(predicate)}
+
+
 def _settled(name: str, *columns: Any) -> Index:
     """An index of the deliveries not in flight."""
     where = text(SETTLED_WHERE)
@@ -194,13 +205,10 @@ class Delivery(Base):
             unique=True,
         ),
         # what the dispatcher looks for; partial, so that a claim or an outcome, which moves a
-        # delivery out of these states, adds no entry to them (migration 0002)
-        Index(
-            "ix_deliveries_due",
-            "next_attempt_at",
-            postgresql_where=text("state IN ('queued', 'deferred')"),
-            sqlite_where=text("state IN ('queued', 'deferred')"),
-        ),
+        # delivery out of these states, adds no entry to them (migration 0002); the waiting
+        # ones split by whether a wake-up is owed or was given (migration 0007)
+        Index("ix_deliveries_wakeup", "next_attempt_at", **_where(WAKEUP_OWED_WHERE)),
+        Index("ix_deliveries_published", "published_at", **_where(WAKEUP_GIVEN_WHERE)),
         Index(
             "ix_deliveries_leased",
             "lease_until",
@@ -243,7 +251,7 @@ class Delivery(Base):
     last_code: Mapped[int | None] = mapped_column(Integer)
     last_enhanced: Mapped[str | None] = mapped_column(String(16))
     last_reply: Mapped[str | None] = mapped_column(Text)
-    # replies.ReplyClass of the last reply, written with the outcome (migration 0009_audit)
+    # replies.ReplyClass of the last reply, written with the outcome (migration 0007)
     last_class: Mapped[str | None] = mapped_column(String(24))
     created_at: Mapped[datetime]
     updated_at: Mapped[datetime]
@@ -303,7 +311,8 @@ class AuditEntry(Base):
     action: Mapped[str] = mapped_column(String(32))
     # the filter (DeliveryFilter.as_dict), the addresses or the campaign the action was aimed at
     target: Mapped[dict[str, Any]]
-    count: Mapped[int] = mapped_column(BigInteger)
+    # None: the action stopped part-way (its batches committed so far stand)
+    count: Mapped[int | None] = mapped_column(BigInteger)
 
 
 class Relay(Base):
@@ -342,6 +351,21 @@ class StateCountChange(Base):
     priority: Mapped[str] = mapped_column(String(16))
     state: Mapped[str] = mapped_column(String(16))
     n: Mapped[int] = mapped_column(BigInteger)
+
+
+class CampaignBreakdown(Base):
+    """A campaign's breakdown by reply class and recipient domain as last computed, with the
+    state counts it was computed at (mailer/breakdowns.py decides when it is stale)."""
+
+    __tablename__ = "campaign_breakdowns"
+
+    campaign_id: Mapped[int] = mapped_column(
+        ForeignKey("campaigns.id", ondelete="CASCADE"), primary_key=True
+    )
+    computed_at: Mapped[datetime]
+    counts: Mapped[dict[str, Any]]
+    by_class: Mapped[dict[str, Any]]
+    by_domain: Mapped[dict[str, Any]]
 
 
 class Role(StrEnum):

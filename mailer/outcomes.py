@@ -11,13 +11,13 @@ from __future__ import annotations
 import functools
 import logging
 from collections.abc import Iterable, Sequence
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any, NamedTuple
 
 from sqlalchemy import Select, and_, bindparam, delete, exists, func, or_, select, update
 from sqlalchemy.orm import Session
 
-from mailer import backoff, bulk, relay_health, suppressions
+from mailer import backoff, batches, bulk, relay_health, suppressions
 from mailer.config import Settings
 from mailer.errors import NotFound
 from mailer.models import (
@@ -344,31 +344,54 @@ def finish_unsent(
         )
 
 
-def requeue(session: Session, ids: Select[Any], now: datetime, *, include_suppressed: bool) -> int:
+def requeue(
+    session: Session,
+    ids: Select[Any],
+    now: datetime,
+    *,
+    include_suppressed: bool,
+    progress: batches.Progress | None = None,
+) -> int:
     """Operator retry: the selected deliveries that are not in flight go back to queued with a
     fresh budget of attempts and of age (`created_at` restarts: it is when the delivery was last
     queued; the message keeps the original time; attempt rows stay as history); the dispatcher
     publishes them on its next pass. Suppressed addresses are left alone unless
-    `include_suppressed`, which also takes them off the suppression list."""
-    chosen = list(session.scalars(_retryable(ids, include_suppressed)))
-    if include_suppressed and chosen:
-        recipients = select(func.lower(Delivery.recipient)).where(Delivery.id.in_(chosen))
-        session.execute(delete(Suppression).where(Suppression.address.in_(recipients)))
-    for part in bulk.chunks(chosen, 5000):
-        session.execute(
-            update(Delivery)
-            .where(Delivery.id.in_(part), Delivery.state.in_(_RETRYABLE))
-            .values(
-                state=S.QUEUED,
-                attempts=0,
-                next_attempt_at=now,
-                created_at=now,
-                published_at=None,
-                lease_until=None,
-                updated_at=now,
-            )
-        )
-    return len(chosen)
+    `include_suppressed`, which also takes them off the suppression list. Returns how many
+    were queued again. Commits a batch at a time (`batches.apply`): stopped part-way, the
+    same command run again queues the rest (a delivery queued again is no longer selected)."""
+    postgresql = bulk.postgresql(session)
+    statements = [_unsuppress(postgresql)] if include_suppressed else []
+    statements.append(_requeue(postgresql))
+    selected = _retryable(ids, include_suppressed)
+    return batches.apply(session, selected, statements, {"now": now}, progress)
+
+
+@functools.cache
+def _unsuppress(postgresql: bool) -> Any:
+    # each delivery through its key, each address through the suppressions' unique index
+    chosen = select(func.lower(Delivery.recipient)).where(
+        bulk.among(Delivery.id, "ids", postgresql)
+    )
+    return delete(Suppression).where(Suppression.address.in_(chosen))
+
+
+@functools.cache
+def _requeue(postgresql: bool) -> Any:
+    now = bindparam("now", type_=Delivery.updated_at.type)
+    fresh = {"attempts": 0, "next_attempt_at": now, "created_at": now, "published_at": None}
+    return _change(postgresql, _RETRYABLE).values(
+        state=S.QUEUED, lease_until=None, updated_at=now, **fresh
+    )
+
+
+def _change(postgresql: bool, states: Sequence[DeliveryState]) -> Any:
+    """An UPDATE of the batch's deliveries still in `states` (a worker may have claimed some
+    since they were read)."""
+    return (
+        update(Delivery)
+        .where(bulk.among(Delivery.id, "ids", postgresql), Delivery.state.in_(states))
+        .execution_options(synchronize_session=False)
+    )
 
 
 def retry_candidates(session: Session, ids: Select[Any], *, include_suppressed: bool) -> int:
@@ -387,33 +410,79 @@ def _retryable(ids: Select[Any], include_suppressed: bool) -> Select[Any]:
     return selected.where(Delivery.state != S.SUPPRESSED, ~listed)
 
 
-def cancel(session: Session, ids: Select[Any], now: datetime) -> int:
+def cancel(
+    session: Session, ids: Select[Any], now: datetime, progress: batches.Progress | None = None
+) -> int:
     """Cancel what has not gone out: queued or deferred. In-flight deliveries (sending)
-    finish as they will; `unknown` ones may have been delivered and stay as they are."""
-    result: Any = session.execute(
-        update(Delivery)
-        .where(Delivery.id.in_(ids), Delivery.state.in_(_CANCELLABLE))
-        .values(state=S.CANCELLED, last_reply="cancelled by an operator", updated_at=now)
-        .execution_options(synchronize_session=False)
+    finish as they will; `unknown` ones may have been delivered and stay as they are. Returns
+    how many were cancelled. Commits a batch at a time (`batches.apply`): stopped part-way,
+    the same command run again cancels the rest."""
+    selected = ids.where(Delivery.state.in_(_CANCELLABLE))
+    statement = _cancel(bulk.postgresql(session))
+    return batches.apply(session, selected, [statement], {"now": now}, progress)
+
+
+@functools.cache
+def _cancel(postgresql: bool) -> Any:
+    now = bindparam("now", type_=Delivery.updated_at.type)
+    return _change(postgresql, _CANCELLABLE).values(
+        state=S.CANCELLED, last_reply="cancelled by an operator", updated_at=now
     )
-    return max(int(result.rowcount), 0)
 
 
 _RETRYABLE = (S.FAILED, S.EXPIRED, S.UNKNOWN, S.BOUNCED, S.CANCELLED, S.SUPPRESSED, S.DEFERRED)
-_CANCELLABLE = (S.QUEUED, S.DEFERRED)
+_WAITING = (S.QUEUED, S.DEFERRED)
+_CANCELLABLE = _WAITING
 
 
-def pause_campaign(session: Session, campaign_id: int, paused: bool, now: datetime) -> None:
-    """Pause: no more of its deliveries are claimed (in-flight ones finish). Resume: the
-    dispatcher wakes every waiting delivery on its next pass."""
+# the published_at of a paused campaign's waiting deliveries: published at the end of time, they
+# are in neither of the dispatcher's indexes' reach (owed a wake-up; published long ago), so a
+# pass does not read a paused campaign's backlog to filter it out each time
+PARKED = datetime(9999, 1, 1, tzinfo=UTC)
+
+
+def pause_campaign(
+    session: Session,
+    campaign_id: int,
+    paused: bool,
+    now: datetime,
+    progress: batches.Progress | None = None,
+) -> None:
+    """Pause: no more of its deliveries are claimed (in-flight ones finish), at once; then its
+    waiting deliveries are parked (PARKED) a batch at a time. Resume: their wake-ups are
+    forgotten (parked, or published while paused and dropped by the workers) a batch at a
+    time with the campaign still paused, and the pause is lifted last; the dispatcher wakes
+    them on its next pass. Stopped part-way, either is completed by running it again."""
     found = session.get(Campaign, campaign_id)
     if found is None:
         raise NotFound(f"no campaign {campaign_id}")
-    found.paused = paused
-    if not paused:
-        waiting = select(Message.id).where(Message.campaign_id == campaign_id)
-        session.execute(
-            update(Delivery)
-            .where(Delivery.message_id.in_(waiting), Delivery.state.in_([S.QUEUED, S.DEFERRED]))
-            .values(published_at=None, updated_at=now)
-        )
+    waiting = (
+        select(Delivery.id)
+        .join(Message, Delivery.message_id == Message.id)
+        .where(Message.campaign_id == campaign_id, Delivery.state.in_(_WAITING))
+    )
+    postgresql = bulk.postgresql(session)
+    if paused:
+        found.paused = True
+        session.commit()
+        unparked = or_(Delivery.published_at.is_(None), Delivery.published_at != PARKED)
+        statement = _park(postgresql)
+        batches.apply(session, waiting.where(unparked), [statement], {"parked": PARKED}, progress)
+        return
+    published = waiting.where(Delivery.published_at.is_not(None))
+    batches.apply(session, published, [_unpublish(postgresql)], {"now": now}, progress)
+    found.paused = False
+    session.commit()
+
+
+@functools.cache
+def _park(postgresql: bool) -> Any:
+    return _change(postgresql, _WAITING).values(
+        published_at=bindparam("parked", type_=Delivery.published_at.type)
+    )
+
+
+@functools.cache
+def _unpublish(postgresql: bool) -> Any:
+    now = bindparam("now", type_=Delivery.updated_at.type)
+    return _change(postgresql, _WAITING).values(published_at=None, updated_at=now)

@@ -11,7 +11,7 @@ import json
 import sys
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -21,6 +21,7 @@ from sqlalchemy.orm import Session
 
 from mailer import (
     actions,
+    breakdowns,
     browse,
     bulk,
     clock,
@@ -35,7 +36,7 @@ from mailer import (
 )
 from mailer.config import load
 from mailer.filters import DeliveryFilter
-from mailer.models import Delivery, DeliveryState, Priority
+from mailer.models import Delivery, DeliveryState
 from mailer.replies import ReplyClass
 
 S = DeliveryState
@@ -61,6 +62,18 @@ class Statement:
     def seq_scans(self) -> list[str]:
         return [rel for kind, rel, _ in self.scans() if kind == "Seq Scan"]
 
+    def rows_read(self, relation: str) -> int:
+        """Rows an analyzed plan read from `relation`: those it kept and those its filters
+        dropped, in every loop."""
+        return sum(
+            round(
+                (n.get("Actual Rows", 0) + n.get("Rows Removed by Filter", 0))
+                * n.get("Actual Loops", 1)
+            )
+            for n in _nodes(self.plan)
+            if n.get("Relation Name") == relation
+        )
+
 
 def _nodes(plan: dict[str, Any]) -> Iterator[dict[str, Any]]:
     yield plan
@@ -72,6 +85,21 @@ def capture(url: str, work: Callable[[Session], Any]) -> list[Statement]:
     """Run `work` in a transaction that is rolled back, keeping each statement it sent (with
     its parameters, as the driver got them, and its time), then EXPLAIN each."""
     eng = db.engine(url)
+    seen = _run(eng, [], work, analyze=False)
+    _explain(eng, seen)
+    return seen
+
+
+def capture_analyzed(url: str, setup: list[str], work: Callable[[Session], Any]) -> list[Statement]:
+    """Run the `setup` statements, ANALYZE, then `work` (which must only read), and EXPLAIN
+    ANALYZE each statement it sent, all in one transaction that is rolled back: the plans of
+    an outbox that `setup` shaped, with the rows each node read."""
+    return _run(db.engine(url), setup, work, analyze=True)
+
+
+def _run(
+    eng: Engine, setup: list[str], work: Callable[[Session], Any], *, analyze: bool
+) -> list[Statement]:
     seen: list[Statement] = []
     started: list[float] = []
 
@@ -85,27 +113,40 @@ def capture(url: str, work: Callable[[Session], Any]) -> list[Statement]:
         if started and seen and seen[-1].sql is sql:
             seen[-1].seconds = time.perf_counter() - started.pop()
 
-    event.listen(eng, "before_cursor_execute", before)
-    event.listen(eng, "after_cursor_execute", after)
-    try:
-        with Session(eng) as session:
+    # the work's own commits (a batch's) become savepoints of one transaction rolled back
+    with eng.connect() as conn:
+        outer = conn.begin()
+        try:
+            for sql in setup:
+                conn.exec_driver_sql(sql)
+            if setup:
+                conn.exec_driver_sql("ANALYZE")
+            event.listen(eng, "before_cursor_execute", before)
+            event.listen(eng, "after_cursor_execute", after)
             try:
-                work(session)
+                with Session(bind=conn, join_transaction_mode="create_savepoint") as session:
+                    work(session)
             finally:
-                session.rollback()
-    finally:
-        event.remove(eng, "before_cursor_execute", before)
-        event.remove(eng, "after_cursor_execute", after)
-    _explain(eng, seen)
+                event.remove(eng, "before_cursor_execute", before)
+                event.remove(eng, "after_cursor_execute", after)
+            if analyze:
+                for st in seen:
+                    st.plan = _plan(conn, "EXPLAIN (ANALYZE, FORMAT JSON) " + st.sql, st.params)
+        finally:
+            outer.rollback()
     return seen
+
+
+def _plan(conn: Any, sql: str, params: Any) -> dict[str, Any]:
+    rows = conn.exec_driver_sql(sql, params).scalar()
+    document = rows if isinstance(rows, list) else json.loads(rows)
+    return dict(document[0]["Plan"])
 
 
 def _explain(eng: Engine, statements: list[Statement]) -> None:
     with eng.connect() as conn:
         for st in statements:
-            rows = conn.exec_driver_sql("EXPLAIN (FORMAT JSON) " + st.sql, st.params).scalar()
-            document = rows if isinstance(rows, list) else json.loads(rows)
-            st.plan = document[0]["Plan"]
+            st.plan = _plan(conn, "EXPLAIN (FORMAT JSON) " + st.sql, st.params)
         conn.rollback()
 
 
@@ -168,9 +209,31 @@ def dispatcher_pass(scene: Scene, *, due: bool) -> Callable[[Session], Any]:
         settings = load()
         outcomes.expire(session, when, since=when - timedelta(days=4))
         relay_health.block(session, settings.smtp.name, when)
-        for priority in Priority:
-            ids = dispatcher.due(session, settings, when, priority, queue_empty=True)
-            dispatcher.mark_published(session, ids, when)
+        found = dispatcher.due(session, settings, when, queue_empty=True)
+        dispatcher.mark_published(session, [i for i, _ in found], when)
+
+    return work
+
+
+def running_campaign(scene: Scene, published_ago: str) -> list[str]:
+    """Statements that make campaign `scene.campaign + 2` a running one: every delivery queued,
+    due an hour ago and published `published_ago` (an interval), waiting for a worker."""
+    message = scene.campaign + 2
+    return [
+        "UPDATE deliveries SET state = 'queued', next_attempt_at = now() - interval '1 hour', "
+        f"published_at = now() - interval '{published_ago}' WHERE message_id = {message}"
+    ]
+
+
+def dispatch_scan(
+    when: datetime, *, queue_empty: bool, republish_after: int
+) -> Callable[[Session], Any]:
+    """The dispatcher's scan for what to publish (its read only)."""
+
+    def work(session: Session) -> Any:
+        settings = load()
+        settings = replace(settings, republish_after=republish_after)
+        return dispatcher.due(session, settings, when, queue_empty=queue_empty)
 
     return work
 
@@ -218,7 +281,7 @@ def dashboard(scene: Scene) -> dict[str, Callable[[Session], Any]]:
     out["page: campaign, next"] = _page(everything, first + 50)
     out.update(
         {
-            "breakdown": lambda s: browse.breakdown(s, c),
+            "breakdown": lambda s: breakdowns.compute(s, c, sent=0, now=clock.now()),
             "recipient history": lambda s: browse.recipient_history(s, someone),
             "export csv": lambda s: list(itertools.islice(browse.export_csv(s, failed), 100)),
             "audit page": lambda s: browse.audit_page(s, None),

@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import csv
 import io
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 import pytest
 
 import mailer
-from mailer import actions, browse, db, filters, suppressions
+from mailer import actions, breakdowns, browse, clock, db, filters, suppressions
 from mailer.actions import Actor, Role
 from mailer.delivery import deliver_chunk
 from mailer.filters import DeliveryFilter
@@ -71,9 +71,34 @@ def test_export_csv_streams_the_filter(any_db: str) -> None:
 def test_breakdown_by_class_and_domain(any_db: str) -> None:
     campaign = _campaign()
     with db.session_scope() as session:
-        b = browse.breakdown(session, campaign, top=2)
+        b = breakdowns.compute(session, campaign, sent=9, now=clock.now(), top=2)
     assert b.by_class == {"delivered": 9, "hard_bounce": 1, "message_failure": 1, "transient": 1}
     assert b.by_domain == {"a.example": 4, "b.example": 4, "other": 4}
+
+
+def test_a_kept_breakdown_is_used_until_the_counts_move_or_it_ages(any_db: str) -> None:
+    campaign = _campaign()  # r2 is deferred: the campaign is still sending
+    fake = clock.FakeClock()
+    with clock.using(fake):
+        with db.session_scope() as session:
+            first = breakdowns.get(session, campaign)
+        assert first.by_class["delivered"] == 9 and first.computed_at == fake()
+        fake.set(fake() + timedelta(seconds=30))
+        with db.session_scope() as session:
+            assert breakdowns.get(session, campaign).computed_at == first.computed_at
+        fake.set(fake() + timedelta(seconds=31))  # older than MAX_AGE while sending
+        with db.session_scope() as session:
+            aged = breakdowns.get(session, campaign)
+        assert aged.computed_at == fake()
+        with db.session_scope() as session:  # the deferred one is cancelled: counts move
+            actions.cancel(session, Actor("t", Role.OPERATOR), DeliveryFilter(campaign_id=campaign))
+        fake.set(fake() + timedelta(seconds=1))
+        with db.session_scope() as session:
+            done = breakdowns.get(session, campaign)
+        assert done.computed_at == fake() and done.by_class.get("transient", 0) == 1
+        fake.set(fake() + timedelta(days=1))  # finished: kept however old
+        with db.session_scope() as session:
+            assert breakdowns.get(session, campaign).computed_at == done.computed_at
 
 
 def test_recipient_history_says_what_was_concluded_and_why(any_db: str) -> None:

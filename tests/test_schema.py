@@ -80,7 +80,7 @@ def test_indexes_are_the_same_from_the_models_and_from_the_migrations(
         assert _index_definitions(migrated) == _index_definitions(modelled)
         definitions = _index_definitions(migrated)
         # every partial index, 0004's too, with its predicate
-        for name in ("ix_deliveries_due", "ix_deliveries_recipient", "ix_deliveries_purgeable"):
+        for name in ("ix_deliveries_wakeup", "ix_deliveries_recipient", "ix_deliveries_purgeable"):
             assert "WHERE" in definitions[name].upper(), name
     finally:
         db.reset()

@@ -27,7 +27,7 @@ def audit_cmd(limit: int, before_id: int | None, as_json: bool) -> None:
         target = json.dumps(e.target, sort_keys=True)
         click.echo(
             f"{e.id:>6} {e.at:%Y-%m-%d %H:%M:%S} {e.actor} ({e.role}) {e.action} "
-            f"{e.count:,} {target}"
+            f"{'unfinished' if e.count is None else format(e.count, ',')} {target}"
         )
     if page.next_after is not None and not as_json:
         click.echo(f"(more: --before {page.next_after})")

@@ -212,11 +212,13 @@ def campaign_resume(campaign_id: int, actor: str | None) -> None:
 
 def _set_paused(campaign_id: int, paused: bool, actor: str | None) -> None:
     from mailer import actions
+    from mailer.cli.deliveries import progress_on_stderr
 
     who = actions.cli_actor(actor)
     with db.session_scope() as session:
+        progress = progress_on_stderr("pause" if paused else "resume")
         if paused:
-            actions.pause_campaign(session, who, campaign_id)
+            actions.pause_campaign(session, who, campaign_id, progress=progress)
         else:
-            actions.resume_campaign(session, who, campaign_id)
+            actions.resume_campaign(session, who, campaign_id, progress=progress)
     click.echo(f"campaign {campaign_id} {'paused' if paused else 'resumed'}")

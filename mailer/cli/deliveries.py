@@ -5,6 +5,8 @@ from __future__ import annotations
 import csv
 import json
 import sys
+import time
+from collections.abc import Callable
 from typing import Any
 
 import click
@@ -16,6 +18,21 @@ from mailer.filters import DeliveryFilter
 from mailer.models import DeliveryState
 
 RETRY_DEFAULT = "failed,expired,unknown"
+PROGRESS_EVERY = 2.0  # seconds between progress lines of a long change
+
+
+def progress_on_stderr(what: str) -> Callable[[int, int], None]:
+    """A `batches.Progress` that tells stderr how far a long change has gone, now and then
+    (each line is of batches committed: stopped there, running it again goes on)."""
+    shown = time.monotonic()
+
+    def tell(done: int, total: int) -> None:
+        nonlocal shown
+        if done < total and time.monotonic() - shown >= PROGRESS_EVERY:
+            shown = time.monotonic()
+            click.echo(f"  {what}: {done:,} of {total:,} done", err=True)
+
+    return tell
 
 
 @click.command("report")
@@ -38,13 +55,16 @@ def report_cmd(campaign_id: int, states: tuple[str, ...], fmt: str) -> None:
     """Per recipient: address, state, attempts, last code, enhanced code and reply."""
     from mailer import queries
 
-    with db.session_scope() as session:
-        rows = queries.report(session, campaign_id, [DeliveryState(s) for s in states] or None)
+    chosen = [DeliveryState(s) for s in states] or None
+    with db.read_scope() as session:
         if fmt == "csv":
-            writer = csv.DictWriter(sys.stdout, fieldnames=queries.REPORT_COLUMNS)
-            writer.writeheader()
-            writer.writerows(rows)
-        elif fmt == "json":
+            # tuples straight into the csv module's C writer
+            writer = csv.writer(sys.stdout)
+            writer.writerow(queries.REPORT_COLUMNS)
+            writer.writerows(queries.report_rows(session, campaign_id, chosen))
+            return
+        rows = queries.report(session, campaign_id, chosen)
+        if fmt == "json":
             for row in rows:
                 click.echo(json.dumps(row))
         else:
@@ -88,7 +108,8 @@ def _chosen(given: dict[str, Any], states: str | None) -> DeliveryFilter:
 def retry_cmd(
     states: str, include_suppressed: bool, dry_run: bool, actor: str | None, **given: Any
 ) -> None:
-    """Queue matching deliveries again with a fresh attempt budget; the dispatcher sends them."""
+    """Queue matching deliveries again with a fresh attempt budget; the dispatcher sends them.
+    Goes in batches, each its own short transaction: safe to stop and run again."""
     from mailer import actions
 
     chosen = _chosen(given, states)
@@ -100,7 +121,11 @@ def retry_cmd(
             click.echo(f"{n} deliveries would be queued again (dry run: nothing changed)")
             return
         done = actions.retry(
-            session, actions.cli_actor(actor), chosen, include_suppressed=include_suppressed
+            session,
+            actions.cli_actor(actor),
+            chosen,
+            include_suppressed=include_suppressed,
+            progress=progress_on_stderr("retry"),
         )
     click.echo(
         f"{done.count} deliveries queued again; the dispatcher publishes them on its next pass"
@@ -113,7 +138,9 @@ def retry_cmd(
 @click.option("--dry-run", is_flag=True, help="Count, change nothing.")
 @filtering.actor_option
 def cancel_cmd(states: str | None, dry_run: bool, actor: str | None, **given: Any) -> None:
-    """Cancel what has not been sent (queued, deferred); in-flight mail finishes."""
+    """Cancel what has not been sent (queued, deferred); in-flight mail finishes. Goes in
+    batches, each its own short transaction: safe beside running workers, and to stop and
+    run again."""
     from mailer import actions
 
     if given.get("f_campaign") is None and given.get("f_message") is None:
@@ -124,5 +151,7 @@ def cancel_cmd(states: str | None, dry_run: bool, actor: str | None, **given: An
             n = actions.preview(session, actions.Action.CANCEL, chosen)
             click.echo(f"{n} deliveries would be cancelled (dry run: nothing changed)")
             return
-        done = actions.cancel(session, actions.cli_actor(actor), chosen)
+        done = actions.cancel(
+            session, actions.cli_actor(actor), chosen, progress=progress_on_stderr("cancel")
+        )
     click.echo(f"{done.count} deliveries cancelled")

@@ -12,7 +12,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 
-from mailer import browse, db, queries
+from mailer import breakdowns, browse, db, queries
 from mailer.errors import MailerError
 from mailer.filters import FORMS, DeliveryFilter
 from mailer.models import DeliveryState
@@ -52,10 +52,11 @@ def read(campaign_id: int, f: DeliveryFilter, after: int | None) -> CampaignView
         )
 
 
-def _breakdown(campaign_id: int) -> browse.Breakdown:
-    with db.read_scope() as session:
+def _breakdown(campaign_id: int) -> breakdowns.Breakdown:
+    # a session that may write: breakdowns.get keeps what it computes
+    with db.session_scope() as session:
         queries.campaign(session, campaign_id)  # NotFound for a campaign that is not
-        return browse.breakdown(session, campaign_id)
+        return breakdowns.get(session, campaign_id)
 
 
 def _status(campaign_id: int) -> queries.CampaignStatus:
@@ -101,7 +102,8 @@ async def live(request: Request) -> Response:
 
 async def breakdown(request: Request) -> Response:
     """The counts by reply class and domain: a fragment of its own, which the page loads after
-    it is shown (it reads the whole campaign's index entries, the rest of the page does not)."""
+    it is shown (when breakdowns.get computes it again, it reads the whole campaign's index
+    entries; the rest of the page does not)."""
     campaign_id = int(request.path_params["campaign_id"])
     try:
         found = await run_in_threadpool(_breakdown, campaign_id)

@@ -1,5 +1,6 @@
-"""Fault scenarios 4 and 4b: Redis killed mid-campaign and restarted empty, on an empty outbox
-and on a big one (issue 18), with the time until sending resumes measured and bounded.
+"""Fault scenarios 4, 4b and 4c: Redis killed mid-campaign and restarted empty, on an empty
+outbox, on a big one (issue 18) and after a long outage, with the time until sending resumes
+measured and bounded.
 
 Run alone: .venv/bin/python -m pytest -m faults -s tests/faults/test_redis_restart.py
 """
@@ -46,7 +47,20 @@ def test_redis_restart_with_a_big_outbox(rig: Rig, pg_db: str) -> None:
     assert backlog.untouched(pg_db, big) == {"scheduled changed": 0, "history changed": 0}
 
 
-def _redis_restart(rig: Rig, scenario: str, big: backlog.Backlog | None = None) -> None:
+# long enough that kombu's own policy (2, 4, ... 30 s between tries) would have the worker
+# asleep for over ten seconds when Redis comes back
+LONG_OUTAGE = 45.0
+
+
+def test_redis_away_for_long_then_back_empty(rig: Rig) -> None:
+    """Redis is killed and stays away for LONG_OUTAGE seconds: the worker and the dispatcher
+    try again a second apart (broker.py), so sending resumes within the same bound."""
+    _redis_restart(rig, "4c Redis away for 45 s (queue lost)", down=LONG_OUTAGE)
+
+
+def _redis_restart(
+    rig: Rig, scenario: str, big: backlog.Backlog | None = None, *, down: float = 1.0
+) -> None:
     sent = queue_campaign()
     campaign = sent.campaign_id if big else None
     worker = rig.worker()
@@ -57,7 +71,7 @@ def _redis_restart(rig: Rig, scenario: str, big: backlog.Backlog | None = None) 
         killed_at = datetime.now(UTC)
         rig.redis.kill()
         assert_mid_campaign(rig)
-        time.sleep(1)
+        time.sleep(down)
         rig.redis.start()
         back, back_at = time.monotonic(), time.time()
         assert rig.redis.queued() == 0

@@ -1,7 +1,7 @@
 """dashboard accounts: the users table of `mailer web`
 
-Revision ID: 0008_users
-Revises: 0006, 0009_audit
+Revision ID: 0010
+Revises: 0009
 Create Date: 2026-12-07
 """
 
@@ -10,9 +10,8 @@ from __future__ import annotations
 import sqlalchemy as sa
 from alembic import op
 
-revision = "0008_users"
-# also the merge point of the branches of this issue (0006 counts, 0009 audit), both from 0005
-down_revision = ("0006", "0009_audit")
+revision = "0010"
+down_revision = "0009"
 branch_labels = None
 depends_on = None
 

@@ -11,8 +11,8 @@ can be filtered and counted by class without reading their attempts. No index: a
 class always narrows by campaign, message or recipient first. Rows written before this
 revision have none (NULL) until their next outcome.
 
-Revision ID: 0009_audit
-Revises: 0005
+Revision ID: 0007
+Revises: 0006
 Create Date: 2026-12-07
 """
 
@@ -21,8 +21,8 @@ from __future__ import annotations
 import sqlalchemy as sa
 from alembic import op
 
-revision = "0009_audit"
-down_revision = "0005"
+revision = "0007"
+down_revision = "0006"
 branch_labels = None
 depends_on = None
 
@@ -40,7 +40,7 @@ def upgrade() -> None:
             sa.JSON().with_variant(sa.dialects.postgresql.JSONB(), "postgresql"),
             nullable=False,
         ),
-        sa.Column("count", sa.BigInteger(), nullable=False),
+        sa.Column("count", sa.BigInteger(), nullable=True),
         sa.PrimaryKeyConstraint("id", name="pk_audit_log"),
     )
     # a nullable column without a default: no table rewrite on PostgreSQL
