@@ -2,7 +2,9 @@
 
 Each statement is bounded on a 10M-delivery outbox: campaigns by keyset on their primary key,
 their counts and the queue's from the trigger-kept counts (counts.py, a few rows each); the
-oldest due delivery is the first entry of the partial index `ix_deliveries_due`.
+oldest due delivery is the older of the first entries of the dispatcher's two partial indexes
+(`ix_deliveries_wakeup`: owed a wake-up, by due time; `ix_deliveries_published`: woken and
+not yet claimed, by wake-up time, which is at or after its due time).
 """
 
 from __future__ import annotations
@@ -13,13 +15,21 @@ from collections import deque
 from dataclasses import dataclass
 from datetime import datetime
 
-from sqlalchemy import select
+from sqlalchemy import select, text
 from sqlalchemy.orm import Session
 
 from mailer import counts, queries
-from mailer.models import Campaign, Delivery, DeliveryState, Message, Priority, Relay
+from mailer.models import (
+    WAKEUP_GIVEN_WHERE,
+    WAKEUP_OWED_WHERE,
+    Campaign,
+    Delivery,
+    DeliveryState,
+    Message,
+    Priority,
+    Relay,
+)
 
-WAITING = (DeliveryState.QUEUED, DeliveryState.DEFERRED)
 IN_QUEUE = (DeliveryState.QUEUED, DeliveryState.DEFERRED, DeliveryState.SENDING)
 
 
@@ -124,17 +134,24 @@ def queue_depth(session: Session, rates: Rates) -> QueueDepth:
 
 
 def oldest_due(session: Session, now: datetime) -> Oldest | None:
-    """The waiting delivery due the longest (ix_deliveries_due's first entry), if it is due."""
-    row = session.execute(
-        select(Delivery.id, Delivery.recipient, Message.campaign_id, Delivery.next_attempt_at)
-        .join(Message, Delivery.message_id == Message.id)
-        .where(Delivery.state.in_(WAITING))
-        .order_by(Delivery.next_attempt_at)
-        .limit(1)
-    ).first()
-    if row is None or row.next_attempt_at > now:
-        return None
-    return Oldest(row.id, row.recipient, row.campaign_id, row.next_attempt_at)
+    """The waiting delivery due the longest, if any is due: the first of the deliveries owed
+    a wake-up (ix_deliveries_wakeup), or the first woken and not yet claimed
+    (ix_deliveries_published), whichever has waited longer; two index lookups of a row."""
+    found = []
+    for where, key in (
+        (WAKEUP_OWED_WHERE, Delivery.next_attempt_at),
+        (WAKEUP_GIVEN_WHERE, Delivery.published_at),
+    ):
+        row = session.execute(
+            select(Delivery.id, Delivery.recipient, Message.campaign_id, key.label("since"))
+            .join(Message, Delivery.message_id == Message.id)
+            .where(text(where), key <= now)
+            .order_by(key)
+            .limit(1)
+        ).first()
+        if row is not None:
+            found.append(Oldest(row.id, row.recipient, row.campaign_id, row.since))
+    return min(found, key=lambda o: o.due_since) if found else None
 
 
 def relays(session: Session) -> list[RelayRow]:

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 from datetime import timedelta
 
+from sqlalchemy import update
+
 from mailer import clock, db
 from mailer import overview as reads
+from mailer.models import Delivery
 from tests.web import scenario
 
 
@@ -30,6 +33,14 @@ def test_the_queue_by_priority_and_the_oldest_due(web_db: str) -> None:
         assert oldest is not None and oldest.recipient == scenario.POLICY[0]
         assert oldest.campaign_id is None
         assert reads.oldest_due(session, clock.now() - timedelta(hours=1)) is None
+    # a delivery whose wake-up was lost: owed one, found by its due time instead
+    with db.session_scope() as session:
+        session.execute(
+            update(Delivery).where(Delivery.state == "queued").values(published_at=None)
+        )
+    with db.read_scope() as session:
+        owed = reads.oldest_due(session, clock.now())
+        assert owed is not None and owed.recipient == scenario.POLICY[0]
         rows, before = reads.campaigns(session, rates)
         assert [r.status.id for r in rows] == [data.campaign_id] and before is None
         assert rows[0].seconds_left == 0.0
