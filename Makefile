@@ -13,7 +13,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)  ## a whole campaign on SQLite, an embedded broker and an in-process SMTP server
-	$(VENV)/bin/mailer demo
+	$(VENV)/bin/mailer demo $(ARGS)
 
 test: $(STAMP)  ## unit and integration tests (real Redis/PostgreSQL when reachable)
 	$(PY) -m pytest -m "not faults and not slow"

@@ -23,17 +23,7 @@ from sqlalchemy.orm import Session
 from mailer import batches, clock, config, db, filters, outcomes, relay_health, suppressions
 from mailer.errors import InputError, PermissionDenied
 from mailer.filters import DeliveryFilter
-from mailer.models import AuditEntry, Delivery, DeliveryState, Suppression
-
-
-class Role(StrEnum):
-    VIEWER = "viewer"  # sees everything, changes nothing
-    OPERATOR = "operator"  # also acts
-    ADMIN = "admin"  # also manages accounts (mailer/web)
-
-    @property
-    def can_act(self) -> bool:
-        return self is not Role.VIEWER
+from mailer.models import AuditEntry, Delivery, DeliveryState, Role, Suppression
 
 
 @dataclass(frozen=True)

@@ -375,6 +375,10 @@ class Role(StrEnum):
     OPERATOR = "operator"
     ADMIN = "admin"
 
+    @property
+    def can_act(self) -> bool:
+        return self is not Role.VIEWER
+
 
 class User(Base):
     """A dashboard account (`mailer user add`); the password is kept as an argon2 hash only."""
