@@ -2,7 +2,8 @@
 attempts) into a PostgreSQL schema of its own, then measures each case there and on an empty
 outbox: a campaign drained by a real worker, a dispatcher pass over 1M due rows, Redis lost
 with 1M rows queued, status / report / retry on a 1M-recipient campaign, a 1M-address
-suppression import. Prints a table, writes a JSON file. Not run by CI.
+suppression import, a retry of 1M failed deliveries beside a worker sending. Prints a table,
+writes a JSON file. Not run by CI.
 
     .venv/bin/python bench/scale.py --deliveries 1M --keep     develop: a small history, kept
     .venv/bin/python bench/scale.py --reuse --keep              again, on the kept history
@@ -36,6 +37,7 @@ CASES: dict[str, Callable[[cases.Side], dict[str, Any]]] = {
     "suppress": cases.case_suppress,  # before `read`: retry checks the suppression list
     "read": cases.case_read_side,
     "dispatch": cases.case_dispatch,
+    "retry": cases.case_retry,
     "redis": cases.case_redis_lost,
 }
 T0 = time.monotonic()

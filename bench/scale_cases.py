@@ -163,16 +163,19 @@ class CountedOutbox(Outbox):
     taken from the worker it watches."""
 
     def pending(self, message_id: int | None = None) -> int:
+        if message_id is None:
+            return super().pending(None)
+        found = self.counted(message_id)
+        return sum(found.get(state, 0) for state in ("queued", "sending", "deferred"))
+
+    def counted(self, message_id: int) -> dict[str, int]:
         from sqlalchemy.orm import Session
 
         from mailer import counts
 
-        if message_id is None:
-            return super().pending(None)
         campaign = self.scalar("SELECT campaign_id FROM messages WHERE id = :m", m=message_id)
         with Session(self.engine) as session:
-            found = counts.campaign(session, int(campaign))
-        return sum(found.get(state, 0) for state in ("queued", "sending", "deferred"))
+            return counts.campaign(session, int(campaign))
 
 
 def case_campaign(side: Side) -> dict[str, Any]:
@@ -212,6 +215,43 @@ def case_campaign(side: Side) -> dict[str, Any]:
 
 
 # --- d: status, report, retry on a 1M-recipient campaign ---------------------------------------
+
+
+def case_retry(side: Side) -> dict[str, Any]:
+    """`mailer retry` of a campaign of --big failed deliveries while a worker sends another
+    campaign: the retry's time, and the worker's rate during it against its rate before."""
+    d = side.dir("retry")
+    env = side.env()
+    side.redis.flush()
+    failed = side.campaign(side.args.big, "failed")
+    run_json([PYTHON, str(BENCH / "produce.py"), "setup"], env, d / "setup.log", 600)
+    enq = run_json(
+        [PYTHON, str(BENCH / "produce.py"), "campaign", str(3 * side.args.campaign)],
+        env,
+        d / "enqueue.log",
+        side.args.case_timeout,
+    )
+    m = int(enq["message_id"])
+    outbox = CountedOutbox(side.url)
+    worker = _worker(side, d, env)
+    try:
+        time.sleep(10)  # the worker at its pace
+        t0, sent0 = time.monotonic(), outbox.counted(m).get("sent", 0)
+        time.sleep(5)
+        t1, sent1 = time.monotonic(), outbox.counted(m).get("sent", 0)
+        retry = mailer_cli(side, d, "retry", "retry", "--campaign", str(failed))
+        t2, sent2 = time.monotonic(), outbox.counted(m).get("sent", 0)
+    finally:
+        PROCS.stop(worker, grace=15)
+        outbox.close()
+    return {
+        "failed": side.args.big,
+        "retry_s": retry["seconds"],
+        "retry_said": retry["out"].read_text().strip().splitlines()[-1],
+        "rate_before": (sent1 - sent0) / (t1 - t0),
+        "rate_during": (sent2 - sent1) / (t2 - t1),
+        "campaign_left": 3 * side.args.campaign - sent2,
+    }
 
 
 def case_read_side(side: Side) -> dict[str, Any]:

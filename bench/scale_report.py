@@ -61,6 +61,9 @@ ROWS = (
     Row("retry --dry-run (command)", "read", _dig("retry_cli_s"), "s", None, "retry_error"),
     Row("  (call)", "read", _ms("retry_call", "first_s"), "ms", None, "retry_error"),
     Row("suppress import, {big}", "suppress", _dig("seconds"), "s"),
+    Row("retry of {big} beside a worker", "retry", _dig("retry_s"), "s", ("<=", 60.0)),
+    Row("  the worker's rate before", "retry", _dig("rate_before"), "msg/s"),
+    Row("  and during it", "retry", _dig("rate_during"), "msg/s"),
 )
 
 
