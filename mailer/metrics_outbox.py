@@ -18,15 +18,12 @@ from datetime import datetime
 
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
-from sqlalchemy import func, select, text
+from sqlalchemy import text
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
-from mailer import bulk, clock, counts, db
+from mailer import bulk, clock, counts, db, overview
 from mailer.models import (
-    WAKEUP_GIVEN_WHERE,
-    WAKEUP_OWED_WHERE,
-    Delivery,
     DeliveryState,
     Priority,
 )
@@ -43,9 +40,6 @@ OLDEST = "mailer_oldest_queued_seconds"
 UP = "mailer_outbox_up"
 TOOK = "mailer_outbox_scrape_seconds"
 NAMES = (DEPTH, EVERY, OLDEST, UP, TOOK)
-# written as the partial indexes' own predicates, so that the planner matches them
-_OWED = text(WAKEUP_OWED_WHERE)
-_GIVEN = text(WAKEUP_GIVEN_WHERE)
 
 
 class Outbox:
@@ -70,14 +64,8 @@ def read(session: Session, now: datetime) -> Outbox:
     if bulk.postgresql(session):
         session.execute(text(f"SET LOCAL statement_timeout = {STATEMENT_TIMEOUT_MS}"))
     totals = counts.totals(session)
-    owed = session.execute(
-        select(func.min(Delivery.next_attempt_at)).where(_OWED, Delivery.next_attempt_at <= now)
-    ).scalar()
-    woken = session.execute(
-        select(func.min(Delivery.published_at)).where(_GIVEN, Delivery.published_at <= now)
-    ).scalar()
-    found = [t for t in (owed, woken) if t is not None]
-    return Outbox(totals, min(found) if found else None)
+    oldest = overview.oldest_due(session, now)
+    return Outbox(totals, oldest.due_since if oldest else None)
 
 
 class OutboxCollector(Collector):

@@ -52,7 +52,7 @@ def test_a_scrape_reads_no_table_of_the_outbox_whole(outbox: outbox_scale.Outbox
     depth, owed, woken = reads
     assert depth.scans() == []  # the counts only, never the deliveries
     for oldest, index in ((owed, "ix_deliveries_wakeup"), (woken, "ix_deliveries_published")):
-        assert {i for _, rel, i in oldest.scans()} == {index}
+        assert {i for _, rel, i in oldest.scans() if rel == "deliveries"} == {index}
         assert "Limit" in {node["Node Type"] for node in plans._nodes(oldest.plan)}
 
 
