@@ -178,18 +178,23 @@ class CountedOutbox(Outbox):
             return counts.campaign(session, int(campaign))
 
 
-def case_campaign(side: Side) -> dict[str, Any]:
-    n = side.args.campaign
-    d = side.dir("campaign")
-    env = side.env()
-    side.redis.flush()
+def _enqueue(side: Side, d: Path, env: dict[str, str], n: int) -> dict[str, Any]:
+    """A campaign of n recipients queued by bench/produce.py, as a producer would."""
     run_json([PYTHON, str(BENCH / "produce.py"), "setup"], env, d / "setup.log", 600)
-    enq = run_json(
+    return run_json(
         [PYTHON, str(BENCH / "produce.py"), "campaign", str(n)],
         env,
         d / "enqueue.log",
         side.args.case_timeout,
     )
+
+
+def case_campaign(side: Side) -> dict[str, Any]:
+    n = side.args.campaign
+    d = side.dir("campaign")
+    env = side.env()
+    side.redis.flush()
+    enq = _enqueue(side, d, env, n)
     m = int(enq["message_id"])
     outbox = CountedOutbox(side.url)
     worker = _worker(side, d, env)
@@ -224,14 +229,7 @@ def case_retry(side: Side) -> dict[str, Any]:
     env = side.env()
     side.redis.flush()
     failed = side.campaign(side.args.big, "failed")
-    run_json([PYTHON, str(BENCH / "produce.py"), "setup"], env, d / "setup.log", 600)
-    enq = run_json(
-        [PYTHON, str(BENCH / "produce.py"), "campaign", str(3 * side.args.campaign)],
-        env,
-        d / "enqueue.log",
-        side.args.case_timeout,
-    )
-    m = int(enq["message_id"])
+    m = int(_enqueue(side, d, env, 3 * side.args.campaign)["message_id"])
     outbox = CountedOutbox(side.url)
     worker = _worker(side, d, env)
     try:
