@@ -28,18 +28,23 @@ from mailer import config
 
 class _CPUWindow:
     """The worker's CPU from its first claim on (its start-up is not the drain) to the moment
-    the campaign is seen drained, and the machine's over the same window."""
+    the campaign is seen drained, and the machine's and PostgreSQL's over the same window."""
 
     def __init__(self, rss: Any, n: int) -> None:
         self.rss, self.n = rss, n
-        self.start: tuple[float, tuple[int, int], int] | None = None
-        self.end: tuple[float, tuple[int, int]] | None = None
+        self.start: tuple[float, tuple[int, int], int, float] | None = None
+        self.end: tuple[float, tuple[int, int], float] | None = None
 
     def mark(self, left: int) -> None:
         if self.start is None and left < self.n:
-            self.start = (self.rss.cpu_seconds(), infra.machine_cpu(), left)
+            self.start = (
+                self.rss.cpu_seconds(),
+                infra.machine_cpu(),
+                left,
+                infra.postgres_cpu(),
+            )
         if left == 0:
-            self.end = (self.rss.cpu_seconds(), infra.machine_cpu())
+            self.end = (self.rss.cpu_seconds(), infra.machine_cpu(), infra.postgres_cpu())
 
     def figures(self) -> dict[str, Any]:
         if self.start is None or self.end is None:
@@ -48,6 +53,7 @@ class _CPUWindow:
         return {
             "worker_cpu_s": worker_cpu,
             "worker_cpu_ms_per_msg": worker_cpu * 1000 / max(self.start[2], 1),
+            "postgres_cpu_ms_per_msg": (self.end[2] - self.start[3]) * 1000 / max(self.start[2], 1),
             "machine_cpu_busy": infra.busy_fraction(self.start[1], self.end[1]),
         }
 

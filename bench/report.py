@@ -76,7 +76,9 @@ def _warnings(runs: list[dict[str, Any]]) -> str:
 
 def _machine(m: dict[str, Any]) -> str:
     busy = m.get("machine_cpu_busy")
-    return f"; machine {busy:.0%} busy" if busy is not None else ""
+    pg = m.get("postgres_cpu_ms_per_msg")
+    server = f"; PostgreSQL CPU {pg:.3f} ms/msg" if pg else ""
+    return (f"; machine {busy:.0%} busy" if busy is not None else "") + server
 
 
 def _clients_row(case: str, m: dict[str, Any], args: argparse.Namespace) -> list[str]:
@@ -210,8 +212,8 @@ def print_table(
         "\nmsgs/s: mailer = sent / (first attempt -> last outcome committed, from the DB); "
         "naive = N / (first publish -> the sink\ncounted N); clients = N / (common start -> "
         "last client done). CPU ms/msg: the sending processes only (worker tree\nor clients), "
-        "not PostgreSQL, Redis or the sink. Other jobs on this machine make absolute figures "
-        "noisy."
+        "not PostgreSQL, Redis or the sink; a PostgreSQL case's\nnotes give the server's own "
+        "CPU over the drain. Other jobs on this machine make absolute figures noisy."
     )
     if ratios:
         print("\nratios (msgs/s): of the medians; and within each round, lowest to highest")

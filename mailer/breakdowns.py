@@ -64,8 +64,8 @@ def compute(
     for klass, n in sorted(classes, key=lambda r: -r[1]):
         key = klass or "none"
         by_class[key] = by_class.get(key, 0) + n
-    # ix_deliveries_message_id_domain, index only; the total over every domain comes with
-    # the top ones (a window over the groups, before the LIMIT)
+    # the campaign index alone (the domain rides in its entries); the total over every
+    # domain comes with the top ones (a window over the groups, before the LIMIT)
     size = func.count().label("n")
     domains = session.execute(
         select(Delivery.domain, size, func.sum(func.count()).over())

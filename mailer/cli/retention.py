@@ -76,7 +76,7 @@ def purge_cmd(age: timedelta, dry_run: bool, batch: int) -> None:
         for total in retention.purge(cutoff, batch):
             if time.monotonic() - shown >= PROGRESS_EVERY:
                 shown = time.monotonic()
-                click.echo(f"  {_summary(total)}; reached {_reached(total)}")
+                click.echo(f"  {_summary(total)}; {_reached(total)}")
     except SQLAlchemyError as exc:
         reason = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0]
         raise click.ClickException(
@@ -94,4 +94,6 @@ def _summary(total: PurgeReport) -> str:
 
 
 def _reached(total: PurgeReport) -> str:
-    return total.reached.isoformat() if total.reached else "-"
+    """How far through the ids to purge: the walk goes up to the first id created after
+    the cut-off."""
+    return f"at delivery id {total.last_id or 0:,} of {total.horizon or 0:,}"
