@@ -11,11 +11,17 @@ sessions in step to the bench's sink), twice: once `--short` chunks, once `--lon
 start-up, imports and the first connections. Outcomes are written every FLUSH_EVERY only (not
 also every FLUSH_SECONDS, which under valgrind's fifty-fold slowdown would flush by the clock).
 Only the draining process is counted: PostgreSQL's and the sink's work is not.
+
+    .venv/bin/python bench/instructions.py --server   # PostgreSQL's side, about five minutes
+
+counts the server's instead: the same drains against a private PostgreSQL whose backends run
+under callgrind (bench/pgvalgrind.py), the worker itself at full speed.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import re
 import shutil
@@ -24,7 +30,10 @@ import sys
 import tempfile
 from pathlib import Path
 
+import pgvalgrind
+
 BENCH = Path(__file__).resolve().parent
+
 CHUNK = 500
 
 
@@ -43,8 +52,16 @@ def drain(chunks: int) -> None:
         delivery.deliver_chunk(ids[start : start + CHUNK])
 
 
-def count(env: dict[str, str], pg_url: str, schema: str, chunks: int, total: int) -> int:
-    """Instructions of a process that drains `chunks` chunks of a fresh campaign."""
+def count(
+    env: dict[str, str],
+    pg_url: str,
+    schema: str,
+    chunks: int,
+    total: int,
+    server: pgvalgrind.Server | None = None,
+) -> int:
+    """Instructions of a process that drains `chunks` chunks of a fresh campaign; with a
+    `server`, the instructions of that server's backends for it instead."""
     from run import fresh_schema
 
     env = dict(env, MAILER_DATABASE_URL=fresh_schema(pg_url, schema))
@@ -55,16 +72,13 @@ def count(env: dict[str, str], pg_url: str, schema: str, chunks: int, total: int
             check=True,
             stdout=subprocess.DEVNULL,
         )
+    drain_argv = [sys.executable, __file__, "--drain", str(chunks)]
+    if server is not None:
+        mark = server.mark()
+        subprocess.run(drain_argv, env=env, check=True, capture_output=True)
+        return server.backends_since(mark)
     out = subprocess.run(
-        [
-            "valgrind",
-            "--tool=callgrind",
-            "--callgrind-out-file=/dev/null",
-            sys.executable,
-            __file__,
-            "--drain",
-            str(chunks),
-        ],
+        ["valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null", *drain_argv],
         env=env,
         check=True,
         capture_output=True,
@@ -87,6 +101,12 @@ def main() -> int:
         ),
     )
     p.add_argument("--pg-schema", default="mailer_instructions")
+    p.add_argument(
+        "--server",
+        action="store_true",
+        help="count PostgreSQL's instructions instead (a private server under callgrind; "
+        "--pg-url is not used)",
+    )
     p.add_argument("--drain", type=int, help=argparse.SUPPRESS)  # the child under valgrind
     args = p.parse_args()
     if args.drain is not None:
@@ -112,15 +132,20 @@ def main() -> int:
             PYTHONHASHSEED="0",  # the same dict and set layouts in both counts
         )
         total = args.long * CHUNK
-        short = count(env, args.pg_url, args.pg_schema, args.short, total)
-        long = count(env, args.pg_url, args.pg_schema, args.long, total)
+        with contextlib.ExitStack() as stack:
+            server = stack.enter_context(pgvalgrind.running()) if args.server else None
+            pg_url = server.url if server is not None else args.pg_url
+            short = count(env, pg_url, args.pg_schema, args.short, total, server)
+            long = count(env, pg_url, args.pg_schema, args.long, total, server)
     finally:
         sink.stop()
-        pg_execute(args.pg_url, f"DROP SCHEMA IF EXISTS {args.pg_schema} CASCADE")
+        if not args.server:
+            pg_execute(args.pg_url, f"DROP SCHEMA IF EXISTS {args.pg_schema} CASCADE")
         shutil.rmtree(work, ignore_errors=True)
     messages = (args.long - args.short) * CHUNK
+    who = "PostgreSQL" if args.server else "worker"
     print(
-        f"worker instructions a message: {(long - short) // messages:,} "
+        f"{who} instructions a message: {(long - short) // messages:,} "
         f"({args.short} chunk(s): {short:,}; {args.long}: {long:,}; chunks of {CHUNK})"
     )
     return 0

@@ -1,4 +1,5 @@
-"""The dashboard overview's reads: campaigns a page at a time, the queue, the relays.
+"""The dashboard overview's reads: campaigns a page at a time, the queue, the transactional
+stream's latency, the relays.
 
 Each statement is bounded on a 10M-delivery outbox: campaigns by keyset on their primary key,
 their counts and the queue's from the trigger-kept counts (counts.py, a few rows each); the
@@ -15,7 +16,7 @@ from collections import deque
 from dataclasses import dataclass
 from datetime import datetime
 
-from sqlalchemy import select, text
+from sqlalchemy import func, select, text
 from sqlalchemy.orm import Session
 
 from mailer import counts, queries
@@ -54,6 +55,16 @@ class QueueDepth:
     by_priority: dict[str, dict[str, int]]
     # transactional deliveries that reached a final state, a second (Rates; None at first)
     transactional_rate: float | None = None
+
+
+@dataclass(frozen=True)
+class Latency:
+    """Seconds from enqueue (or the send time asked for, if later) to sent, over the latest
+    transactional deliveries sent."""
+
+    median: float
+    p95: float
+    deliveries: int
 
 
 @dataclass(frozen=True)
@@ -131,6 +142,36 @@ def queue_depth(session: Session, rates: Rates) -> QueueDepth:
         elif priority == Priority.TRANSACTIONAL.value:
             finished += n
     return QueueDepth(found, rates.observe(TRANSACTIONAL, finished))
+
+
+# how many of the newest transactional messages the latency is read from
+LATENCY_SAMPLE = 200
+
+
+def transactional_latency(session: Session, sample: int = LATENCY_SAMPLE) -> Latency | None:
+    """Enqueue-to-sent of the sent deliveries among the newest `sample` transactional messages
+    (the messages' primary key backwards, each message's deliveries through the
+    (message_id, recipient) index): bounded at any outbox size. None when none was sent."""
+    newest = (
+        select(Message.id, func.coalesce(Message.send_at, Message.created_at).label("asked"))
+        .where(Message.priority == Priority.TRANSACTIONAL, Message.campaign_id.is_(None))
+        .order_by(Message.id.desc())
+        .limit(sample)
+        .subquery()
+    )
+    rows = session.execute(
+        select(Delivery.updated_at, newest.c.asked)
+        .join(newest, Delivery.message_id == newest.c.id)
+        .where(Delivery.state == DeliveryState.SENT)
+    ).all()
+    seconds = sorted(max((sent - asked).total_seconds(), 0.0) for sent, asked in rows)
+    if not seconds:
+        return None
+    return Latency(
+        median=seconds[len(seconds) // 2],
+        p95=seconds[min(len(seconds) - 1, int(len(seconds) * 0.95))],
+        deliveries=len(seconds),
+    )
 
 
 def oldest_due(session: Session, now: datetime) -> Oldest | None:

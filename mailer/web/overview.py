@@ -1,4 +1,5 @@
-"""The overview page: campaigns with live progress, the queue, the oldest due delivery, relays."""
+"""The overview page: campaigns with live progress, the queue, the transactional latency, the
+oldest due delivery, relays."""
 
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ class Overview:
     campaigns: list[reads.CampaignRow]
     before: int | None
     queue: reads.QueueDepth
+    latency: reads.Latency | None
     oldest: reads.Oldest | None
     relays: list[reads.RelayRow]
     relay_name: str
@@ -36,6 +38,7 @@ def read(before: int | None) -> Overview:
             campaigns=rows,
             before=more,
             queue=reads.queue_depth(session, RATES),
+            latency=reads.transactional_latency(session),
             oldest=reads.oldest_due(session, clock.now()),
             relays=reads.relays(session),
             relay_name=config.settings().smtp.name,

@@ -8,7 +8,7 @@ from sqlalchemy import update
 
 from mailer import clock, db
 from mailer import overview as reads
-from mailer.models import Delivery
+from mailer.models import Delivery, Message
 from tests.web import scenario
 
 
@@ -44,3 +44,24 @@ def test_the_queue_by_priority_and_the_oldest_due(web_db: str) -> None:
         rows, before = reads.campaigns(session, rates)
         assert [r.status.id for r in rows] == [data.campaign_id] and before is None
         assert rows[0].seconds_left == 0.0
+
+
+def test_the_transactional_latency_of_the_latest_sent(web_db: str) -> None:
+    data = scenario.build()
+    with db.read_scope() as session:
+        assert reads.transactional_latency(session) is None  # the reset waits: none sent
+    made = clock.now() - timedelta(seconds=100)
+    with db.session_scope() as session:
+        session.execute(
+            update(Message).where(Message.id == data.transactional_id).values(created_at=made)
+        )
+        session.execute(
+            update(Delivery)
+            .where(Delivery.message_id == data.transactional_id)
+            .values(state="sent", updated_at=made + timedelta(seconds=4))
+        )
+    with db.read_scope() as session:
+        latency = reads.transactional_latency(session)
+        assert latency == reads.Latency(median=4.0, p95=4.0, deliveries=1)
+        # the campaign's deliveries are not transactional mail
+        assert reads.transactional_latency(session, sample=1) == latency

@@ -45,6 +45,7 @@ def test_the_overview_shows_campaigns_queue_and_relay(
     assert "sent 6" in html and "bounced 2" in html and "failed 3" in html
     assert 'id="transactional-queued">1<' in html  # the password reset waits
     assert 'id="bulk-queued">0<' in html
+    assert 'id="transactional-latency">none sent lately<' in html  # the reset has not gone yet
     live = client.get("/live/overview")
     assert live.status_code == 200 and 'id="overview-live"' in live.text
 

@@ -1,6 +1,6 @@
-"""Each dashboard page's server time on a big outbox (a measurement, not a test):
+"""Each dashboard page's server time on a big outbox:
 
-    PYTHONPATH=. .venv/bin/python tests/web/measure.py [DELIVERIES] [ROUNDS] [CAMPAIGN_SIZE]
+    .venv/bin/python bench/pages.py [DELIVERIES] [ROUNDS] [CAMPAIGN_SIZE]
 
 Builds an outbox of its own (tests/outbox_scale.py: campaigns of CAMPAIGN_SIZE, by default
 100,000, two attempts a delivery) in a schema it drops at the end, then requests each page
@@ -13,8 +13,12 @@ import os
 import statistics
 import sys
 import time
+from pathlib import Path
 
 from starlette.testclient import TestClient
+
+# the outbox builder and the sign-in are the tests' own (tests/outbox_scale.py, tests/web)
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from mailer import clock, config, db
 from mailer.models import Role
