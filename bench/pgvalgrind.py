@@ -54,20 +54,43 @@ class Server:
     """The running server: `url` for SQLAlchemy, `mark()` then `backends_since(mark)`."""
 
     def __init__(self, work: Path, port: int) -> None:
+        import psycopg
+
         self.work, self.port = work, port
         self.url = f"postgresql+psycopg://postgres@127.0.0.1:{port}/postgres"
+        # one connection kept open throughout, to watch the others come and go: its own
+        # backend writes its count only when the server stops
+        self._watch = psycopg.connect(
+            f"postgresql://postgres@127.0.0.1:{port}/postgres", autocommit=True
+        )
+        # the postmaster's file, open from the start and written when the server stops
+        self._lasting = set(glob.glob(str(self.work / "cg.*")))
+
+    def close(self) -> None:
+        self._watch.close()
 
     def mark(self) -> set[str]:
-        return set(glob.glob(str(self.work / "cg.*")))
+        """The counts written so far, once every earlier client's backend has written its."""
+        return self._settled()
 
-    def backends_since(self, mark: set[str], timeout: float = 300.0) -> int:
-        """Instructions of the backends that started after `mark`, once each has exited and
-        written its count (a backend exits soon after its client disconnects)."""
+    def backends_since(self, mark: set[str]) -> int:
+        """Instructions of the backends that started after `mark` (all exited by now)."""
+        return sum(_total(path) or 0 for path in self._settled() - mark)
+
+    def _settled(self, timeout: float = 300.0) -> set[str]:
+        """The count files once no other client is connected and every backend that served
+        one has written its count (a backend exits soon after its client disconnects)."""
         deadline = time.monotonic() + timeout
         while True:
-            counts = [_total(path) for path in self.mark() - mark]
-            if counts and all(c is not None for c in counts):
-                return sum(c for c in counts if c is not None)
+            others = self._watch.execute(
+                "SELECT count(*) FROM pg_stat_activity "
+                "WHERE backend_type = 'client backend' AND pid <> pg_backend_pid()"
+            ).fetchone()
+            files = set(glob.glob(str(self.work / "cg.*"))) - self._lasting
+            if others == (0,) and all(_total(path) is not None for path in files):
+                time.sleep(1.0)  # a backend that left just now may still be writing
+                if set(glob.glob(str(self.work / "cg.*"))) - self._lasting == files:
+                    return files
             if time.monotonic() > deadline:
                 raise BenchError(f"backends did not write their counts in {timeout:.0f}s")
             time.sleep(0.5)
@@ -135,7 +158,11 @@ def running() -> Iterator[Server]:
         )
         infra.wait_port(port, timeout=120, proc=server)
         _wait_ready(port, server)
-        yield Server(work, port)
+        running_server = Server(work, port)
+        try:
+            yield running_server
+        finally:
+            running_server.close()
     finally:
         if server is not None:
             subprocess.run(
