@@ -102,6 +102,10 @@ def main() -> int:
     )
     p.add_argument("--pg-schema", default="mailer_instructions")
     p.add_argument(
+        "--relay-options",
+        help="added to the relay URL, e.g. rate=1000000/s (the shaping hook, out of reach)",
+    )
+    p.add_argument(
         "--server",
         action="store_true",
         help="count PostgreSQL's instructions instead (a private server under callgrind; "
@@ -126,7 +130,10 @@ def main() -> int:
         env = dict(
             os.environ,
             MAILER_BROKER_URL="memory://",  # the campaign's wake-ups are not needed
-            MAILER_SMTP_URL=sink.url,
+            MAILER_SMTP_URL=sink.url
+            + (
+                ("&" if "?" in sink.url else "?") + args.relay_options if args.relay_options else ""
+            ),
             MAILER_FROM=content.SENDER,
             MAILER_LOG_LEVEL="WARNING",
             PYTHONHASHSEED="0",  # the same dict and set layouts in both counts

@@ -70,6 +70,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--clients", type=int, default=2, help="processes of the raw clients")
     p.add_argument(
+        "--relay-options",
+        help="added to mailer's relay URL, e.g. rate=1000000/s (shaping on, far above the "
+        "machine's rate)",
+    )
+    p.add_argument(
         "--source-sessions",
         type=int,
         default=4,

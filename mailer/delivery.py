@@ -139,7 +139,7 @@ def deliver_chunk(
     # quarters of it: the rest is for recording, before the chunk may be handed out again
     start = time.monotonic()
     limits = _Limits(start + s.lease_seconds / 2, start + s.lease_seconds * 3 / 4)
-    chunk = _Chunk(s, lease, hooks.registered(s.hooks), hooks.Chunk(name, start))
+    chunk = _Chunk(s, lease, hooks.for_settings(s), hooks.Chunk(name, start))
     claimed, work = db.retrying(
         lambda db_: _claim(db_, ids, lease, name, now),
         what="claiming deliveries",

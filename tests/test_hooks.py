@@ -34,8 +34,8 @@ def _campaign(n: int) -> list[int]:
     return _ids()
 
 
-def test_no_hooks_registered_means_none_to_call() -> None:
-    assert hooks.registered(()) is None
+def test_no_hooks_registered_means_none_to_call(configure_env: Any) -> None:
+    assert hooks.for_settings(configure_env()) is None
     assert not hooks.asks_before_transaction(hooks.Hooks())
     assert hooks.asks_before_transaction(hooks_for_tests.NotNowFor())
 

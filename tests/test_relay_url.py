@@ -77,6 +77,13 @@ def test_options() -> None:
         pipelining=False,
     )
     assert parse_relay_url("smtp://h?pipelining=on").pipelining is True
+    assert parse_relay_url("smtp://h?rate=100/s").rate == "100/second"
+    assert parse_relay_url("smtp://h?rate=6000/M").rate == "6000/minute"
+    assert parse_relay_url("smtp://h?rate=20000/h").rate == "20000/hour"
+    assert parse_relay_url("smtp://h").rate is None
+    assert parse_relay_url("smtp://h?daily=50000").daily == 50000
+    assert parse_relay_url("smtp://h?rate=10/s&daily=5").windows() == ("10/second", "5/day")
+    assert parse_relay_url("smtp://h").windows() == ()
     assert parse_relay_url("smtp://h?ehlo=[192.0.2.1]").ehlo_name == "[192.0.2.1]"
 
 
@@ -116,6 +123,11 @@ def test_defaults() -> None:
         ("smtp://h?ehlo=bad%20name", "ehlo must be a host name"),
         ("smtp://h?ehlo=x%0D%0AQUIT", "ehlo must be a host name"),
         ("smtp://h?ca_file=", "ca_file is empty"),
+        ("smtp://h?rate=100", "rate must be messages per second, minute or hour, such as 100/s"),
+        ("smtp://h?rate=100/d", "rate must be messages per second"),
+        ("smtp://h?rate=0/s", "rate must be messages per second"),
+        ("smtp://h?daily=0", "daily must be a whole number of 1 or more"),
+        ("smtp://h?daily=lots", "daily must be a whole number"),
         ("smtp://user@h", "has no password"),
         ("smtp://:secret@h", "empty user name"),
         ("smtp://h/path", "percent-encode"),

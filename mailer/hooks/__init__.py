@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 from mailer import clock
 
 if TYPE_CHECKING:
+    from mailer.config import Settings
     from mailer.delivery import ChunkReport
     from mailer.models import DeliveryState
     from mailer.outcomes import Claimed, Verdict
@@ -90,10 +91,20 @@ def until(answer: NotNow, now: datetime) -> datetime | None:
     return now + timedelta(seconds=answer)
 
 
+def for_settings(settings: Settings) -> Hooks | None:
+    """The hooks a worker runs with: MAILER_HOOKS's, and the relay's limits when its URL sets
+    any (mailer.hooks.shaping)."""
+    relay = settings.smtp
+    return _for(settings.hooks, relay.name, relay.windows(), settings.broker_url)
+
+
 @functools.cache
-def registered(paths: tuple[str, ...]) -> Hooks | None:
-    """The hooks `paths` name (MAILER_HOOKS), as one; None when there are none."""
+def _for(paths: tuple[str, ...], relay: str, windows: tuple[str, ...], broker: str) -> Hooks | None:
     found = [resolve(path) for path in paths]
+    if windows:
+        from mailer.hooks import shaping
+
+        found.append(shaping.RelayRate(relay, windows, shaping.storage_url(broker)))
     if not found:
         return None
     return found[0] if len(found) == 1 else _Chain(found)

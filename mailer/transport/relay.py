@@ -45,12 +45,22 @@ class RelayConfig:
     max_messages: int = 100
     idle_noop_after: float = 5.0
     pipelining: bool = True
+    # messages a second, minute or hour across every worker (mailer.hooks.shaping), as the
+    # `limits` library reads it ("100/second"); None: no limit
+    rate: str | None = None
+    # messages in any 24 hours across every worker; None: no cap
+    daily: int | None = None
 
     @property
     def name(self) -> str:
         """The relay's identity in the database and in logs: never carries credentials."""
         host = f"[{self.host}]" if ":" in self.host else self.host
         return f"{host}:{self.port}"
+
+    def windows(self) -> tuple[str, ...]:
+        """The relay's limits as mailer.hooks.shaping keeps them; empty: none."""
+        found = (self.rate, f"{self.daily}/day" if self.daily else None)
+        return tuple(limit for limit in found if limit is not None)
 
     def redacted(self) -> str:
         """The URL to show: the password is replaced by ***."""
@@ -162,7 +172,19 @@ _FLOAT_OPTIONS = {
     "connect_timeout": "connect_timeout",
     "data_timeout": "data_timeout",
 }
-_KNOWN = ("tls", "ehlo", "ca_file", "max_messages", "idle", "pipelining", *_FLOAT_OPTIONS)
+_KNOWN = (
+    "tls",
+    "ehlo",
+    "ca_file",
+    "max_messages",
+    "idle",
+    "pipelining",
+    "rate",
+    "daily",
+    *_FLOAT_OPTIONS,
+)
+_RATE = re.compile(r"(\d+)/(s|m|h)")
+_PER = {"s": "second", "m": "minute", "h": "hour"}
 
 
 def _options(options: dict[str, str]) -> dict[str, Any]:
@@ -170,25 +192,45 @@ def _options(options: dict[str, str]) -> dict[str, Any]:
     for key, value in options.items():
         if key in _FLOAT_OPTIONS:
             out[_FLOAT_OPTIONS[key]] = _seconds(key, value, allow_zero=False)
-        elif key == "idle":
-            out["idle_noop_after"] = _seconds(key, value, allow_zero=True)
-        elif key == "max_messages":
-            out["max_messages"] = _count(key, value)
-        elif key == "ehlo":
-            if not _EHLO_NAME.fullmatch(value):
-                raise ValueError(f"ehlo must be a host name or [address], got {value!r}")
-            out["ehlo_name"] = value
-        elif key == "ca_file":
-            if not value:
-                raise ValueError("ca_file is empty: give the path of a PEM file")
-            out["ca_file"] = value
-        elif key == "pipelining":
-            if value.lower() not in _SWITCH:
-                raise ValueError(f"pipelining must be on or off, got {value!r}")
-            out["pipelining"] = _SWITCH[value.lower()]
+        elif key in _PARSERS:
+            field_name, parse = _PARSERS[key]
+            out[field_name] = parse(key, value)
         else:
             raise ValueError(f"unknown option {key!r} (known: {', '.join(_KNOWN)})")
     return out
+
+
+def _ehlo(key: str, value: str) -> str:
+    if not _EHLO_NAME.fullmatch(value):
+        raise ValueError(f"ehlo must be a host name or [address], got {value!r}")
+    return value
+
+
+def _ca_file(key: str, value: str) -> str:
+    if not value:
+        raise ValueError("ca_file is empty: give the path of a PEM file")
+    return value
+
+
+def _switch(key: str, value: str) -> bool:
+    if value.lower() not in _SWITCH:
+        raise ValueError(f"{key} must be on or off, got {value!r}")
+    return _SWITCH[value.lower()]
+
+
+def _idle(key: str, value: str) -> float:
+    return _seconds(key, value, allow_zero=True)
+
+
+def _rate(key: str, value: str) -> str:
+    """ "100/s" -> "100/second" (messages a second, minute or hour)."""
+    found = _RATE.fullmatch(value.strip().lower())
+    if found is None or int(found.group(1)) < 1:
+        raise ValueError(
+            f"{key} must be messages per second, minute or hour, such as 100/s, 6000/m or "
+            f"20000/h, got {value!r}"
+        )
+    return f"{int(found.group(1))}/{_PER[found.group(2)]}"
 
 
 def _seconds(key: str, value: str, *, allow_zero: bool) -> float:
@@ -206,3 +248,15 @@ def _count(key: str, value: str) -> int:
     if not value.isdigit() or int(value) < 1:
         raise ValueError(f"{key} must be a whole number of 1 or more, got {value!r}")
     return int(value)
+
+
+# option -> (RelayConfig field, parser(key, value)); the timeouts are in _FLOAT_OPTIONS
+_PARSERS: dict[str, tuple[str, Any]] = {
+    "idle": ("idle_noop_after", _idle),
+    "max_messages": ("max_messages", _count),
+    "ehlo": ("ehlo_name", _ehlo),
+    "ca_file": ("ca_file", _ca_file),
+    "pipelining": ("pipelining", _switch),
+    "rate": ("rate", _rate),
+    "daily": ("daily", _count),
+}
