@@ -54,6 +54,12 @@ def test_a_group_goes_when_every_window_has_room() -> None:
     assert hook.windows[0].in_hand == hook.windows[0].block - 3
 
 
+def test_a_transaction_bigger_than_the_window_goes_when_it_has_the_whole_window() -> None:
+    hook = shaping.RelayRate("r-big", ["5/hour"], "memory://")
+    assert hook.before_transaction(CHUNK, _group(8)) is None  # 8 recipients, one transaction
+    assert hook.before_transaction(CHUNK, _group(1)) is not None  # and the hour is spent
+
+
 def test_hooks_for_a_relay_with_a_rate(configure_env: Any) -> None:
     assert hooks.for_settings(configure_env(smtp_url="smtp://h:25?tls=none")) is None
     found = hooks.for_settings(configure_env(smtp_url="smtp://h:25?tls=none&rate=10/s&daily=500"))

@@ -78,8 +78,11 @@ class RelayRate(Hooks):
         deadline = time.monotonic() + INLINE_WAIT
         with self._lock:
             for window in self.windows:
-                while window.in_hand < wanted:
-                    taken = max(window.block, wanted - window.in_hand)
+                # a transaction with more recipients than a window holds goes when it has
+                # the whole window
+                need = min(wanted, window.item.amount)
+                while window.in_hand < need:
+                    taken = min(max(window.block, need - window.in_hand), window.item.amount)
                     if self._take(window, taken):
                         window.in_hand += taken
                         continue
@@ -89,7 +92,7 @@ class RelayRate(Hooks):
                         return wait
                     time.sleep(wait)
             for window in self.windows:
-                window.in_hand -= wanted
+                window.in_hand -= min(wanted, window.in_hand)
         return None
 
     def _take(self, window: Window, n: int) -> bool:
