@@ -25,6 +25,8 @@ from pathlib import Path
 from typing import Any
 
 import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 from sqlalchemy import func, select
 
 from mailer import db
@@ -327,6 +329,11 @@ class Proc:
             )
         return self.children()
 
+    def wait_log(self, text: str, timeout: float = 30.0) -> None:
+        """Block until the process's log holds `text` (it got that far)."""
+        if not wait_until(lambda: text in self.log.read_text(errors="replace"), timeout, every=0.1):
+            raise AssertionError(f"{self.name}: no {text!r} after {timeout:.0f} s\n{self.tail()}")
+
     def busiest_child(self, sample: float = 0.3) -> int:
         """The pool process that used the most CPU over `sample` seconds (running a chunk)."""
         before = {pid: cpu_ticks(pid) for pid in self.children()}
@@ -387,6 +394,8 @@ class RedisServer:
         self.logdir = logdir
         self.proc: subprocess.Popen[bytes] | None = None
         self.starts = 0
+        # when the latest start answered its first ping (monotonic, and wall-clock)
+        self.ready_at = self.ready_wall = 0.0
 
     @property
     def url(self) -> str:
@@ -415,7 +424,14 @@ class RedisServer:
             start_new_session=True,
         )
         log.close()
-        client = redis.Redis(host="127.0.0.1", port=self.port, socket_connect_timeout=0.5)
+        # no retries: redis-py's own (with backoff) would make a refused ping last a second
+        # or more, and the server's start be noticed that late
+        client = redis.Redis(
+            host="127.0.0.1",
+            port=self.port,
+            socket_connect_timeout=0.5,
+            retry=Retry(NoBackoff(), 0),
+        )
 
         def up() -> bool:
             try:
@@ -424,10 +440,19 @@ class RedisServer:
                 return False
 
         try:
-            if not wait_until(up, 15):
+            # polled finely: clients that retry reconnect within tens of milliseconds, and
+            # `ready_at` is when they could, not when a coarse poll noticed
+            if not wait_until(up, 15, every=0.005):
                 raise RuntimeError(f"redis-server on port {self.port} did not start")
+            self.ready_at, self.ready_wall = time.monotonic(), time.time()
         finally:
             client.close()
+
+    def started_empty(self) -> bool:
+        """The running server loaded nothing at start: no persistence (its log says when a
+        dataset is loaded), so whatever it holds was put there since."""
+        log = (self.logdir / f"redis-{self.starts}.log").read_text(errors="replace")
+        return "Ready to accept connections" in log and "loaded from" not in log.lower()
 
     def kill(self) -> None:
         """SIGKILL: everything queued in it is gone (no persistence)."""
