@@ -337,16 +337,18 @@ def postgres_cpu() -> float:
     (a local server: every process named postgres). Two readings around a drain give the
     database's own CPU for it, on a machine where nothing else uses the server."""
     ticks = 0
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            text = stat.read_text()
-        except OSError:  # gone meanwhile
-            continue
-        name, rest = text[text.index("(") + 1 : text.rindex(")")], text[text.rindex(")") + 2 :]
-        if name == "postgres":
-            fields = rest.split()
-            ticks += int(fields[11]) + int(fields[12])
+    for comm in Path("/proc").glob("[0-9]*/comm"):
+        with contextlib.suppress(OSError):  # gone meanwhile
+            if comm.read_text().strip() == "postgres":
+                ticks += _cpu_ticks(int(comm.parent.name))
     return ticks / CLK_TCK
+
+
+def with_options(url: str, options: str | None) -> str:
+    """`url` with `options` ("rate=100/s&daily=5") added to its query, if any are given."""
+    if not options:
+        return url
+    return url + ("&" if "?" in url else "?") + options
 
 
 def busy_fraction(before: tuple[int, int], after: tuple[int, int]) -> float | None:

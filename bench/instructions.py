@@ -130,10 +130,7 @@ def main() -> int:
         env = dict(
             os.environ,
             MAILER_BROKER_URL="memory://",  # the campaign's wake-ups are not needed
-            MAILER_SMTP_URL=sink.url
-            + (
-                ("&" if "?" in sink.url else "?") + args.relay_options if args.relay_options else ""
-            ),
+            MAILER_SMTP_URL=infra.with_options(sink.url, args.relay_options),
             MAILER_FROM=content.SENDER,
             MAILER_LOG_LEVEL="WARNING",
             PYTHONHASHSEED="0",  # the same dict and set layouts in both counts

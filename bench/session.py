@@ -117,9 +117,8 @@ class Bench:
         return self.proxy
 
     def mailer_env(self, database_url: str, smtp_url: str) -> dict[str, str]:
-        extra = getattr(self.args, "relay_options", None)
-        if extra:  # e.g. rate=1000000/s: the shaping hook on, its limit out of reach
-            smtp_url += ("&" if "?" in smtp_url else "?") + extra
+        # e.g. rate=1000000/s: the shaping hook on, its limit out of reach
+        smtp_url = infra.with_options(smtp_url, self.args.relay_options)
         env = dict(os.environ)
         env.update(
             MAILER_DATABASE_URL=database_url,

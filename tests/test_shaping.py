@@ -4,12 +4,12 @@
 from __future__ import annotations
 
 import logging
+from bisect import bisect_left
 from collections import Counter
 from datetime import timedelta
 from typing import Any
 
 import pytest
-import redis
 from sqlalchemy import select
 
 from mailer import clock, db, enqueue, hooks
@@ -25,7 +25,7 @@ def _group(n: int) -> list[Any]:
 
 
 def test_a_full_window_hands_a_long_wait_back_and_spends_nothing() -> None:
-    hook = shaping.RelayRate("r-hour", ["5/hour"], "memory://")
+    hook = shaping.RelayLimits("r-hour", ["5/hour"], "memory://")
     answers = [hook.before_transaction(CHUNK, _group(1)) for _ in range(5)]
     assert answers == [None] * 5
     wait = hook.before_transaction(CHUNK, _group(1))
@@ -35,9 +35,9 @@ def test_a_full_window_hands_a_long_wait_back_and_spends_nothing() -> None:
 
 
 def test_a_group_takes_as_many_as_it_holds_and_blocks_are_kept_for_later() -> None:
-    hook = shaping.RelayRate("r-block", ["100/minute"], "memory://")
+    hook = shaping.RelayLimits("r-block", ["100/minute"], "memory://")
     assert hook.windows[0].block == 1  # a twentieth of a second's worth, at least one
-    fast = shaping.RelayRate("r-fast", ["1000/second"], "memory://")
+    fast = shaping.RelayLimits("r-fast", ["1000/second"], "memory://")
     assert fast.windows[0].block == 50
     assert fast.before_transaction(CHUNK, _group(3)) is None
     assert fast.windows[0].in_hand == 47  # the rest of the block, for the next groups
@@ -46,7 +46,7 @@ def test_a_group_takes_as_many_as_it_holds_and_blocks_are_kept_for_later() -> No
 
 
 def test_a_group_goes_when_every_window_has_room() -> None:
-    hook = shaping.RelayRate("r-two", ["100/second", "3/day"], "memory://")
+    hook = shaping.RelayLimits("r-two", ["100/second", "3/day"], "memory://")
     assert [hook.before_transaction(CHUNK, _group(1)) for _ in range(3)] == [None] * 3
     wait = hook.before_transaction(CHUNK, _group(1))
     assert isinstance(wait, float) and wait > 86000  # the day's three are spent
@@ -55,7 +55,7 @@ def test_a_group_goes_when_every_window_has_room() -> None:
 
 
 def test_a_transaction_bigger_than_the_window_goes_when_it_has_the_whole_window() -> None:
-    hook = shaping.RelayRate("r-big", ["5/hour"], "memory://")
+    hook = shaping.RelayLimits("r-big", ["5/hour"], "memory://")
     assert hook.before_transaction(CHUNK, _group(8)) is None  # 8 recipients, one transaction
     assert hook.before_transaction(CHUNK, _group(1)) is not None  # and the hour is spent
 
@@ -63,7 +63,7 @@ def test_a_transaction_bigger_than_the_window_goes_when_it_has_the_whole_window(
 def test_hooks_for_a_relay_with_a_rate(configure_env: Any) -> None:
     assert hooks.for_settings(configure_env(smtp_url="smtp://h:25?tls=none")) is None
     found = hooks.for_settings(configure_env(smtp_url="smtp://h:25?tls=none&rate=10/s&daily=500"))
-    assert isinstance(found, shaping.RelayRate)
+    assert isinstance(found, shaping.RelayLimits)
     assert found.relay == "h:25"
     assert [str(w.item) for w in found.windows] == ["10 per 1 second", "500 per 1 day"]
     assert shaping.storage_url("memory://") == "memory://"
@@ -75,13 +75,32 @@ def test_without_redis_a_process_keeps_its_share_and_says_so_once(
 ) -> None:
     monkeypatch.setattr(shaping.os, "cpu_count", lambda: 2)
     # nothing listens on port 9
-    hook = shaping.RelayRate("r-away", ["10/hour"], "redis://127.0.0.1:9/0")
+    hook = shaping.RelayLimits("r-away", ["10/hour"], "redis://127.0.0.1:9/0")
     with caplog.at_level(logging.WARNING, logger="mailer.hooks.shaping"):
         answers = [hook.before_transaction(CHUNK, _group(1)) for _ in range(6)]
     assert answers[:5] == [None] * 5  # half of 10 an hour: two processes by default
     assert answers[5] is not None
     warnings = [r for r in caplog.records if "shared rate limit is unavailable" in r.message]
     assert len(warnings) == 1
+
+
+def _on_two_workers(
+    configure_env: Any, worker_process: Any, broker: str, smtp_server: Any, limit: str, n: int
+) -> None:
+    """A campaign of `n` to a relay with `limit`, sent by two worker processes of two sessions
+    each over the test's Redis (emptied by the clean_broker fixture)."""
+    configure_env(
+        broker_url=broker,
+        smtp_url=f"{smtp_server.url(tls='none')}&{limit}",
+        smtp_sessions=2,
+        log_level="WARNING",
+    )
+    add_template()
+    enqueue.send_campaign(
+        "welcome", [{"email": f"u{i}@example.com", "name": "u"} for i in range(n)]
+    )
+    worker_process("--concurrency", "1")
+    worker_process("--concurrency", "1")
 
 
 @pytest.mark.integration
@@ -105,19 +124,8 @@ def test_two_workers_send_at_the_relay_rate_together(
 ) -> None:
     """Two worker processes of two sessions each, a relay limited to `rate` a second: `n`
     messages go out at the rate +- 10 %, none is sent twice, no attempt is spent waiting."""
-    redis.Redis.from_url(clean_broker).flushdb()
-    configure_env(
-        broker_url=clean_broker,
-        smtp_url=smtp_server.url(tls="none") + f"&rate={rate}/s",
-        smtp_sessions=2,
-        dispatch_interval=0.5,
-        log_level="WARNING",
-    )
-    add_template()
-    rows = [{"email": f"u{i}@example.com", "name": "u"} for i in range(n)]
-    enqueue.send_campaign("welcome", rows)
-    worker_process("--concurrency", "1")
-    worker_process("--concurrency", "1")
+    configure_env(dispatch_interval=0.5)
+    _on_two_workers(configure_env, worker_process, clean_broker, smtp_server, f"rate={rate}/s", n)
     running_dispatcher()
     assert wait_until(lambda: all(d.state.value == "sent" for d in deliveries()), timeout=120)
 
@@ -129,9 +137,7 @@ def test_two_workers_send_at_the_relay_rate_together(
     assert rate * 0.9 <= (n - 1) / seconds <= rate * 1.1, f"{(n - 1) / seconds:.1f} a second"
     # and no second held more than the window allows, give or take a lane's block in hand
     window = timedelta(seconds=1)
-    busiest = max(
-        sum(1 for t in started[i:] if t - start < window) for i, start in enumerate(started)
-    )
+    busiest = max(bisect_left(started, t + window) - i for i, t in enumerate(started))
     assert busiest <= rate + 2 * 2 * shaping.Window(f"{rate}/second").block
 
 
@@ -143,19 +149,8 @@ def test_a_daily_cap_sends_exactly_that_many_and_the_rest_wait_unspent(
     configure_env: Any,
     worker_process: Any,
 ) -> None:
-    redis.Redis.from_url(clean_broker).flushdb()
     cap, n = 1000, 1200
-    configure_env(
-        broker_url=clean_broker,
-        smtp_url=smtp_server.url(tls="none") + f"&daily={cap}",
-        smtp_sessions=2,
-        log_level="WARNING",
-    )
-    add_template()
-    rows = [{"email": f"d{i}@example.com", "name": "d"} for i in range(n)]
-    enqueue.send_campaign("welcome", rows)
-    worker_process("--concurrency", "1")
-    worker_process("--concurrency", "1")
+    _on_two_workers(configure_env, worker_process, clean_broker, smtp_server, f"daily={cap}", n)
     tomorrow = clock.now() + timedelta(hours=23)
 
     def settled() -> bool:

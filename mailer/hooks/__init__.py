@@ -104,7 +104,7 @@ def _for(paths: tuple[str, ...], relay: str, windows: tuple[str, ...], broker: s
     if windows:
         from mailer.hooks import shaping
 
-        found.append(shaping.RelayRate(relay, windows, shaping.storage_url(broker)))
+        found.append(shaping.RelayLimits(relay, windows, shaping.storage_url(broker)))
     if not found:
         return None
     return found[0] if len(found) == 1 else _Chain(found)

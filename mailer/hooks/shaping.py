@@ -20,8 +20,8 @@ import math
 import os
 import threading
 import time
-from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, TypeVar
 
 import limits
 from limits.storage import MemoryStorage, storage_from_string
@@ -34,6 +34,7 @@ if TYPE_CHECKING:
     from mailer.outcomes import Claimed
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 # the longest wait a lane sleeps through for room in the window; a longer one hands back
 INLINE_WAIT = 2.0
@@ -53,14 +54,12 @@ class Window:
         per_second = self.item.amount / self.item.get_expiry()
         self.block = max(1, math.floor(per_second * BLOCK_SECONDS))
         self.in_hand = 0
-
-    def share(self) -> limits.RateLimitItem:
-        """This process's part of the limit when each process keeps the window itself."""
+        # this process's part of the limit, when each process keeps the window itself
         processes = os.cpu_count() or 1
-        return type(self.item)(max(1, self.item.amount // processes), self.item.multiples)
+        self.share = type(self.item)(max(1, self.item.amount // processes), self.item.multiples)
 
 
-class RelayRate(Hooks):
+class RelayLimits(Hooks):
     """Asks the relay's windows before each transaction (a thread-safe hook: lanes share
     it): a group goes when every window has room for it."""
 
@@ -96,24 +95,24 @@ class RelayRate(Hooks):
         return None
 
     def _take(self, window: Window, n: int) -> bool:
-        if self._shared_usable():
-            try:
-                return self._shared().hit(window.item, self.relay, cost=n)
-            except _AWAY as exc:
-                self._went_away(exc)
-        return self._local().hit(window.share(), self.relay, cost=n)
+        return self._ask(window, lambda limiter, item: limiter.hit(item, self.relay, cost=n))
 
     def _wait(self, window: Window) -> float:
         """Seconds until the window has room again (at least a millisecond)."""
-        stats = None
+        stats = self._ask(window, lambda limiter, item: limiter.get_window_stats(item, self.relay))
+        return max(stats.reset_time - time.time(), 0.001)
+
+    def _ask(
+        self, window: Window, call: Callable[[MovingWindowRateLimiter, limits.RateLimitItem], T]
+    ) -> T:
+        """`call` on the shared window in Redis, or on this process's share of it when Redis
+        is away."""
         if self._shared_usable():
             try:
-                stats = self._shared().get_window_stats(window.item, self.relay)
+                return call(self._shared(), window.item)
             except _AWAY as exc:
                 self._went_away(exc)
-        if stats is None:
-            stats = self._local().get_window_stats(window.share(), self.relay)
-        return max(stats.reset_time - time.time(), 0.001)
+        return call(self._local(), window.share)
 
     def _shared_usable(self) -> bool:
         """Redis is asked unless it failed within RETRY_SHARED seconds."""

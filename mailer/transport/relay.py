@@ -167,22 +167,6 @@ def _tls_mode(scheme: str, asked: str | None, port: int) -> TLSMode:
     return cast(TLSMode, asked)
 
 
-_FLOAT_OPTIONS = {
-    "timeout": "command_timeout",
-    "connect_timeout": "connect_timeout",
-    "data_timeout": "data_timeout",
-}
-_KNOWN = (
-    "tls",
-    "ehlo",
-    "ca_file",
-    "max_messages",
-    "idle",
-    "pipelining",
-    "rate",
-    "daily",
-    *_FLOAT_OPTIONS,
-)
 _RATE = re.compile(r"(\d+)/(s|m|h)")
 _PER = {"s": "second", "m": "minute", "h": "hour"}
 
@@ -190,13 +174,11 @@ _PER = {"s": "second", "m": "minute", "h": "hour"}
 def _options(options: dict[str, str]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for key, value in options.items():
-        if key in _FLOAT_OPTIONS:
-            out[_FLOAT_OPTIONS[key]] = _seconds(key, value, allow_zero=False)
-        elif key in _PARSERS:
-            field_name, parse = _PARSERS[key]
-            out[field_name] = parse(key, value)
-        else:
-            raise ValueError(f"unknown option {key!r} (known: {', '.join(_KNOWN)})")
+        if key not in _PARSERS:
+            known = ", ".join(("tls", *_PARSERS))
+            raise ValueError(f"unknown option {key!r} (known: {known})")
+        field_name, parse = _PARSERS[key]
+        out[field_name] = parse(key, value)
     return out
 
 
@@ -220,6 +202,10 @@ def _switch(key: str, value: str) -> bool:
 
 def _idle(key: str, value: str) -> float:
     return _seconds(key, value, allow_zero=True)
+
+
+def _timeout(key: str, value: str) -> float:
+    return _seconds(key, value, allow_zero=False)
 
 
 def _rate(key: str, value: str) -> str:
@@ -250,13 +236,16 @@ def _count(key: str, value: str) -> int:
     return int(value)
 
 
-# option -> (RelayConfig field, parser(key, value)); the timeouts are in _FLOAT_OPTIONS
+# option -> (RelayConfig field, parser(key, value)); `tls` is read before these
 _PARSERS: dict[str, tuple[str, Any]] = {
-    "idle": ("idle_noop_after", _idle),
-    "max_messages": ("max_messages", _count),
     "ehlo": ("ehlo_name", _ehlo),
     "ca_file": ("ca_file", _ca_file),
+    "max_messages": ("max_messages", _count),
+    "idle": ("idle_noop_after", _idle),
     "pipelining": ("pipelining", _switch),
+    "timeout": ("command_timeout", _timeout),
+    "connect_timeout": ("connect_timeout", _timeout),
+    "data_timeout": ("data_timeout", _timeout),
     "rate": ("rate", _rate),
     "daily": ("daily", _count),
 }

@@ -73,7 +73,7 @@ FILTER_ACTIONS: dict[str, tuple[actions.Action, Wording]] = {
 
 def actor(request: Request) -> actions.Actor:
     user: Account = request.state.user
-    return actions.Actor(user.name, Role(user.role.value))
+    return actions.Actor(user.name, user.role)
 
 
 def filter_params(values: Mapping[str, Any]) -> dict[str, str]:

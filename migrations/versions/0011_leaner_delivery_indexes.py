@@ -21,6 +21,8 @@ Create Date: 2026-12-08
 
 from __future__ import annotations
 
+from typing import Any
+
 import sqlalchemy as sa
 from alembic import op
 
@@ -31,44 +33,34 @@ depends_on = None
 
 SETTLED = "state <> 'sending'"
 PURGEABLE = "state IN ('sent', 'bounced', 'failed', 'expired', 'suppressed', 'cancelled')"
+CAMPAIGN = "ix_deliveries_message_id_state_updated_at_id_domain"
 CAMPAIGN_COLUMNS = ["message_id", "state", "updated_at", "id"]
+# what 0004 made and this drops: name, columns, predicate
+DROPPED = (
+    ("ix_deliveries_message_id_state_updated_at_id", CAMPAIGN_COLUMNS, SETTLED),
+    ("ix_deliveries_message_id_domain", ["message_id", "domain"], SETTLED),
+    ("ix_deliveries_purgeable", ["updated_at", "id"], PURGEABLE),
+)
 
 
 def upgrade() -> None:
-    op.create_index(
-        "ix_deliveries_message_id_state_updated_at_id_domain",
-        "deliveries",
-        CAMPAIGN_COLUMNS,
-        postgresql_include=["domain"],
-        postgresql_where=sa.text(SETTLED),
-        sqlite_where=sa.text(SETTLED),
-        if_not_exists=True,
-    )
-    op.drop_index("ix_deliveries_message_id_state_updated_at_id", table_name="deliveries")
-    op.drop_index("ix_deliveries_message_id_domain", table_name="deliveries")
-    op.drop_index("ix_deliveries_purgeable", table_name="deliveries")
+    _partial(CAMPAIGN, CAMPAIGN_COLUMNS, SETTLED, postgresql_include=["domain"], if_not_exists=True)
+    for name, _, _ in DROPPED:
+        op.drop_index(name, table_name="deliveries")
 
 
 def downgrade() -> None:
+    for name, columns, where in DROPPED:
+        _partial(name, columns, where)
+    op.drop_index(CAMPAIGN, table_name="deliveries")
+
+
+def _partial(name: str, columns: list[str], where: str, **options: Any) -> None:
     op.create_index(
-        "ix_deliveries_purgeable",
+        name,
         "deliveries",
-        ["updated_at", "id"],
-        postgresql_where=sa.text(PURGEABLE),
-        sqlite_where=sa.text(PURGEABLE),
+        columns,
+        postgresql_where=sa.text(where),
+        sqlite_where=sa.text(where),
+        **options,
     )
-    op.create_index(
-        "ix_deliveries_message_id_domain",
-        "deliveries",
-        ["message_id", "domain"],
-        postgresql_where=sa.text(SETTLED),
-        sqlite_where=sa.text(SETTLED),
-    )
-    op.create_index(
-        "ix_deliveries_message_id_state_updated_at_id",
-        "deliveries",
-        CAMPAIGN_COLUMNS,
-        postgresql_where=sa.text(SETTLED),
-        sqlite_where=sa.text(SETTLED),
-    )
-    op.drop_index("ix_deliveries_message_id_state_updated_at_id_domain", table_name="deliveries")
